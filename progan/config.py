@@ -1,0 +1,152 @@
+"""TrainConfig: the one place where training defaults live, with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from progan.errors import ProganError
+
+# Options that may change when a run is resumed: they steer the loop, not the networks or the data order.
+RESUMABLE_CHANGES = frozenset({"epochs", "video_every", "log_every", "keep"})
+
+
+def split_size(size: int, base: int | None = None) -> tuple[int, int]:
+    """Return (base, levels) with size == base * 2**(levels-1).
+
+    Without an explicit base, halve while the result stays >= 4, so 64 -> 4, 160 -> 5, 48 -> 6.
+    """
+    if size < 4:
+        raise ProganError(f"--size {size} is too small (at least 4 px)")
+    if base is None:
+        base = size
+        while base % 2 == 0 and base // 2 >= 4:
+            base //= 2
+        if base > 8:
+            raise ProganError(
+                f"--size {size} is not base*2^k with a small base (<= 8); try 32, 64, 128, 160 or 256"
+            )
+    if base < 2 or base > size:
+        raise ProganError(f"base resolution {base} must be between 2 and --size {size}")
+    levels = 1
+    while base * 2 ** (levels - 1) < size:
+        levels += 1
+    if base * 2 ** (levels - 1) != size:
+        raise ProganError(f"--size {size} is not {base}*2^k")
+    return base, levels
+
+
+def default_channels(levels: int, top: int, floor: int) -> tuple[int, ...]:
+    """Channels per level: `top` at the two smallest resolutions, then halved per level, never below floor.
+
+    Shrinking with resolution keeps the cost per level roughly flat, which is what makes CPU training practical.
+    """
+    return tuple(max(floor, top >> max(0, k - 1)) for k in range(levels))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data and architecture
+    size: int = 64                      # final resolution
+    base: int = 0                       # smallest resolution; 0 = derived from size
+    latent_dim: int = 100               # the seed's latent dimension
+    g_channels: tuple[int, ...] = ()    # per level; () = default schedule
+    d_channels: tuple[int, ...] = ()
+    inject_channels: int = 16           # latent features repeated at every pixel (plus 2 xy channels)
+    pixel_norm: bool = True             # ProGAN pixel norm after generator convolutions
+    mbstd: bool = True                  # minibatch standard deviation channel in D's last block
+
+    # progressive schedule, in images shown
+    fade_images: int = 24_000
+    stable_images: int = 24_000
+
+    # optimisation
+    batch: int = 32
+    lr_g: float = 1e-3
+    lr_d: float = 1e-3
+    beta1: float = 0.0
+    beta2: float = 0.99
+    ema_half_life: int = 10_000         # images; EMA generator for videos and sampling
+    ema_rampup: float = 0.05            # half-life is at most this fraction of images shown (early EMA follows G)
+
+    # the seed's training tricks
+    diversity: float = 0.5              # diversity-gradient strength; 0 turns it off
+    noise_high: float = 0.95            # raise epsilon when D(real) - D(fake) rating gap is above this
+    noise_low: float = 0.5              # lower it when the gap is below this
+    noise_step: float = 0.001           # per step, as in the seed
+
+    # run control
+    epochs: int = 20
+    seed: int = 0
+    video_every: int = 20               # steps between training-video frames
+    log_every: int = 25                 # steps between log.jsonl lines (the only host syncs in the loop)
+    keep: int = 0                       # checkpoints kept; 0 = all
+
+    def __post_init__(self) -> None:
+        base, levels = split_size(self.size, self.base or None)
+        object.__setattr__(self, "base", base)
+        if not self.g_channels:
+            object.__setattr__(self, "g_channels", default_channels(levels, 128, 16))
+        if not self.d_channels:
+            object.__setattr__(self, "d_channels", default_channels(levels, 128, 16))
+        object.__setattr__(self, "g_channels", tuple(int(c) for c in self.g_channels))
+        object.__setattr__(self, "d_channels", tuple(int(c) for c in self.d_channels))
+        for name in ("g_channels", "d_channels"):
+            if len(getattr(self, name)) != levels:
+                raise ProganError(f"{name} needs {levels} entries for --size {self.size}")
+        if self.batch < 2:
+            raise ProganError("--batch must be at least 2 (diversity learning pairs samples)")
+        if self.diversity < 0:
+            raise ProganError("--diversity must be >= 0")
+        if self.epochs < 1 or self.video_every < 1 or self.log_every < 1:
+            raise ProganError("--epochs, --video-every and --log-every must be positive")
+
+    @property
+    def levels(self) -> int:
+        return len(self.g_channels)
+
+    def resolution(self, level: int) -> int:
+        return self.base * 2 ** level
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ProganError(f"unknown config keys {sorted(unknown)} (saved by a newer progan?)")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ProganError(f"cannot read config {path}: {e}") from None
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Names of fields whose values differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if a[k] != b[k]]
+
+
+# Every option a user can set on the command line maps to a field above; presets are named partial configs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The seed report's own settings: G 128 channels at every level, D 32, batch 16, 20 -> 40 -> 80 -> 160 px
+    # (its code builds a 20 px base and first shows 40 px),
+    # no pixel norm or minibatch-stddev, Adam as in its gantrain.py.
+    "seed2019": dict(
+        size=160, base=20, g_channels=(128,) * 4, d_channels=(32,) * 4, batch=16,
+        pixel_norm=False, mbstd=False, lr_g=1e-4, lr_d=1e-3, beta1=0.5, beta2=0.999, diversity=1.0,
+    ),
+}
+

@@ -1,0 +1,244 @@
+"""Progressive GAN training as the seed describes it: schedule, noise-controlled D, diversity learning, EMA.
+
+Trainer.step() does one round: a G step on fresh latents, then a D step on the same (detached) fakes and a real
+batch, both with the controller's noise. Nothing in a step reads a value back to the host, so on a GPU the loop runs
+ahead of the device; scalars are accumulated on the device and read every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from progan import latent
+from progan.config import TrainConfig
+from progan.networks import Discriminator, Generator, upsample2
+
+N_FIXED = 32  # the training video's grid of fixed latents (8 x 4)
+
+
+def schedule(nimg: int, levels: int, fade_images: int, stable_images: int) -> tuple[int, float]:
+    """(level, alpha) after `nimg` images shown: level 0 stable, then per level a fade-in and a stable phase.
+
+    A pure function of the image counter, so a resumed run needs nothing but the counter.
+    """
+    n = nimg - stable_images
+    if n < 0:
+        return 0, 1.0
+    for level in range(1, levels):
+        if n < fade_images:
+            return level, n / fade_images
+        n -= fade_images
+        if level == levels - 1 or n < stable_images:
+            return level, 1.0
+        n -= stable_images
+    return levels - 1, 1.0
+
+
+def level_start(level: int, fade_images: int, stable_images: int) -> int:
+    """Images shown when `level` starts fading in (inverse of schedule, for README tables and tests)."""
+    return 0 if level == 0 else stable_images + (level - 1) * (fade_images + stable_images)
+
+
+def diversity_gradient(x: torch.Tensor) -> torch.Tensor:
+    """The seed's diversity gradient: for every pair (i, j) in the batch and every element,
+    sign(dx) * 0.05 * (1.05 / (dx^2 + 0.05) - 1) with dx = x_i - x_j, averaged over the partners j of i.
+
+    It is the direction in which x_i should move: away from x_j while |dx| < 1, towards it beyond (tanh data can
+    differ by at most 2, the seed considers a unit difference ideal). Computed by rolling the batch, so memory stays
+    at the size of x whatever the batch size.
+    """
+    b = x.shape[0]
+    acc = torch.zeros_like(x)
+    for k in range(1, b):
+        d = x - x.roll(k, 0)
+        acc += torch.sign(d) * 0.05 * (1.05 / (d * d + 0.05) - 1.0)
+    return acc / max(b - 1, 1)
+
+
+def add_diversity(fake: torch.Tensor, strength: float) -> None:
+    """Add the diversity direction to fake's gradient during backward (descent subtracts it from the gradient).
+
+    Scaled by 1/batch like the per-sample gradient of a batch-mean loss, so the strength means the same at any batch.
+    """
+    if strength <= 0 or not fake.requires_grad:
+        return
+    push = diversity_gradient(fake.detach()) * (strength / fake.shape[0])
+    fake.register_hook(lambda g: g - push)
+
+
+class NoiseController:
+    """The seed's noise-controlled discriminator: epsilon rises by `step` while D rates reals much higher than fakes
+    (gap > high), falls by `step` while the gap is small (< low), never below 0. Kept on the device."""
+
+    def __init__(self, high: float, low: float, step: float, device: torch.device | str = "cpu"):
+        self.high, self.low, self.step = high, low, step
+        self.eps = torch.zeros((), device=device)
+
+    def update(self, real_rating: torch.Tensor, fake_rating: torch.Tensor) -> None:
+        gap = real_rating - fake_rating
+        up = (gap > self.high).to(self.eps.dtype)
+        down = (gap < self.low).to(self.eps.dtype)
+        self.eps = (self.eps + self.step * (up - down)).clamp_min(0.0)
+
+
+def ema_beta(batch: int, nimg: int, half_life: int, rampup: float) -> float:
+    """Per-step decay for an EMA with the given half-life in images; early on the half-life is at most
+    rampup * nimg, so the EMA is not stuck near the random initial weights."""
+    hl = half_life if rampup <= 0 else min(half_life, rampup * nimg)
+    return 0.5 ** (batch / max(hl, 1e-8))
+
+
+@dataclass
+class StepStats:
+    """Means over the steps since the last read."""
+    g_loss: float
+    d_loss: float
+    real_rating: float
+    fake_rating: float
+    eps: float
+
+
+class Trainer:
+    """Networks, optimisers, noise controller, EMA and RNG of one training run; state_dict() is the checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, bank, device: torch.device | str = "cpu"):
+        from progan.facedata import epoch_order  # local: facedata pulls in Pillow and friends
+
+        self.cfg, self.bank, self.device = cfg, bank, torch.device(device)
+        self._epoch_order = epoch_order
+        # Weight init from the run's seed without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.G = Generator(cfg).to(self.device)
+            self.D = Discriminator(cfg).to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
+        self.noise = NoiseController(cfg.noise_high, cfg.noise_low, cfg.noise_step, self.device)
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # The video's latents come from their own stream and are never trained on.
+        fixed_rng = torch.Generator().manual_seed(cfg.seed + 7919)
+        self.fixed_z = latent.random(N_FIXED, cfg.latent_dim, generator=fixed_rng).to(self.device)
+        self.nimg = 0
+        self.steps = 0
+        self._order: tuple[int, torch.Tensor] | None = None
+        self._acc = torch.zeros(5, device=self.device)
+        self._acc_n = 0
+
+    # --- schedule and data ---------------------------------------------------------------------------------------
+    @property
+    def images_per_epoch(self) -> int:
+        return (len(self.bank) // self.cfg.batch) * self.cfg.batch
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the training data."""
+        return self.nimg // self.images_per_epoch
+
+    def phase(self) -> tuple[int, float]:
+        return schedule(self.nimg, self.cfg.levels, self.cfg.fade_images, self.cfg.stable_images)
+
+    def _batch_indices(self) -> torch.Tensor:
+        epoch, pos = divmod(self.nimg, self.images_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self._epoch_order(len(self.bank), epoch, self.cfg.seed))
+        return self._order[1][pos:pos + self.cfg.batch]
+
+    def real_batch(self, level: int, alpha: float) -> torch.Tensor:
+        real = self.bank.batch(self._batch_indices(), self.cfg.resolution(level))
+        if level > 0 and alpha < 1.0:
+            # Fade reals the same way as fakes, so D never sees detail the generator cannot make yet.
+            real = torch.lerp(upsample2(F.avg_pool2d(real, 2)), real, alpha)
+        return real
+
+    # --- one round -----------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        cfg = self.cfg
+        level, alpha = self.phase()
+        real = self.real_batch(level, alpha)
+        z = latent.random(cfg.batch, cfg.latent_dim, generator=self.rng, device=self.device)
+
+        # Generator step: no noise, so G gets clean gradients (the seed's choice).
+        self.D.requires_grad_(False)
+        fake = self.G(z, level, alpha)
+        add_diversity(fake, cfg.diversity)
+        g_loss = F.softplus(-self.D(fake, level, alpha)).mean()
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        self.D.requires_grad_(True)
+
+        # Discriminator step on the same fakes, with epsilon noise on reals and fakes alike.
+        fake = fake.detach()
+        eps = self.noise.eps
+        real_n = real + eps * torch.randn(real.shape, generator=self.rng, device=self.device)
+        fake_n = fake + eps * torch.randn(fake.shape, generator=self.rng, device=self.device)
+        d_real, d_fake = self.D(real_n, level, alpha), self.D(fake_n, level, alpha)
+        d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+
+        with torch.no_grad():
+            rr, rf = torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()
+            self._acc += torch.stack([g_loss.detach(), d_loss.detach(), rr, rf, eps])
+            self._acc_n += 1
+            self.noise.update(rr, rf)
+            self.nimg += cfg.batch
+            self.steps += 1
+            beta = ema_beta(cfg.batch, self.nimg, cfg.ema_half_life, cfg.ema_rampup)
+            torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1.0 - beta)
+
+    def read_stats(self) -> StepStats | None:
+        """Means since the last call; the one host sync of the loop."""
+        if not self._acc_n:
+            return None
+        v = (self._acc / self._acc_n).tolist()
+        self._acc.zero_()
+        self._acc_n = 0
+        return StepStats(*v)
+
+    def finite(self) -> bool:
+        """True when all weights are finite (checked at checkpoints, not every step)."""
+        return all(bool(torch.isfinite(p).all()) for m in (self.G, self.D) for p in m.parameters())
+
+    @torch.no_grad()
+    def render_fixed(self, ema: bool = True) -> torch.Tensor:
+        """The fixed latents through the (EMA) generator at the current level and alpha, in [-1, 1]."""
+        level, alpha = self.phase()
+        g = self.G_ema if ema else self.G
+        return g(self.fixed_z, level, alpha)
+
+    # --- checkpoint state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "nimg": self.nimg,
+            "steps": self.steps,
+            "epoch": self.epoch,
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "eps": self.noise.eps.detach().cpu(),
+            "rng": self.rng.get_state(),
+            "fixed_z": self.fixed_z.cpu(),
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        self.G.load_state_dict(s["G"])
+        self.D.load_state_dict(s["D"])
+        self.G_ema.load_state_dict(s["G_ema"])
+        self.opt_g.load_state_dict(s["opt_g"])
+        self.opt_d.load_state_dict(s["opt_d"])
+        self.noise.eps = s["eps"].to(self.device)
+        self.rng.set_state(s["rng"])
+        self.fixed_z = s["fixed_z"].to(self.device)
+        self.nimg, self.steps = int(s["nimg"]), int(s["steps"])
+        self._order = None

@@ -1,0 +1,195 @@
+"""The seed's progressive generator and discriminator.
+
+Both are built once for the final resolution and run as forward(x, level, alpha): `level` picks how many
+resolutions are active (0 = base size) and `alpha` fades the newest one in (0 = previous level's output upsampled,
+1 = the new level alone).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from progan.config import TrainConfig
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear doubling, as in the seed's UpConv."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class PixelNorm(nn.Module):
+    """Normalise each pixel's feature vector to unit RMS (ProGAN); keeps unbiased generator activations in range."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+class Inject(nn.Module):
+    """The seed's injected block: latent features repeated at every pixel, plus x and y coordinate channels.
+
+    It gives every UpConv a shortcut to the latent and to absolute position.
+    """
+
+    def __init__(self, latent_dim: int, channels: int):
+        super().__init__()
+        self.features = nn.Linear(latent_dim, channels, bias=False)
+        self.channels = channels + 2
+
+    def vector(self, z: torch.Tensor) -> torch.Tensor:
+        return self.features(z)
+
+    def expand(self, v: torch.Tensor, res: int) -> torch.Tensor:
+        """B x C vector -> B x (C + 2) x res x res map with the coordinate channels appended."""
+        b = v.shape[0]
+        coords = torch.linspace(-1.0, 1.0, res, device=v.device, dtype=v.dtype)
+        yy = coords.view(1, 1, res, 1).expand(b, 1, res, res)
+        xx = coords.view(1, 1, 1, res).expand(b, 1, res, res)
+        return torch.cat([v[:, :, None, None].expand(-1, -1, res, res), xx, yy], dim=1)
+
+
+class UpConv(nn.Module):
+    """Bilinear x2 (skipped for the base block), concatenate the injected block, two size-preserving convolutions."""
+
+    def __init__(self, in_ch: int, inject_ch: int, out_ch: int, upsample: bool, pixel_norm: bool):
+        super().__init__()
+        self.upsample = upsample
+        norm = PixelNorm() if pixel_norm else nn.Identity()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_ch + inject_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2), norm,
+            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2), norm,
+        )
+
+    def forward(self, x: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            x = upsample2(x)
+        return self.convs(torch.cat([x, injected], dim=1))
+
+
+class ToRGB(nn.Module):
+    """Per-resolution biased 1x1 conversion to a tanh-valued image (the only biased generator layer)."""
+
+    def __init__(self, in_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, 3, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x))
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.latent_dim, self.base, ch = cfg.latent_dim, cfg.base, cfg.g_channels
+        # The "latent image": spatial structure at base size, without which the net only makes flat tiles.
+        self.latent_image = nn.Linear(cfg.latent_dim, ch[0] * cfg.base ** 2, bias=False)
+        self.inject = Inject(cfg.latent_dim, cfg.inject_channels)
+        self.blocks = nn.ModuleList(
+            UpConv(ch[max(k - 1, 0)], self.inject.channels, ch[k], upsample=k > 0, pixel_norm=cfg.pixel_norm)
+            for k in range(len(ch))
+        )
+        self.to_rgb = nn.ModuleList(ToRGB(c) for c in ch)
+        self.norm = PixelNorm() if cfg.pixel_norm else nn.Identity()
+
+    @property
+    def levels(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, z: torch.Tensor, level: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+        level = self.levels - 1 if level is None else level
+        inj = self.inject.vector(z)
+        x = self.norm(self.latent_image(z).view(z.shape[0], -1, self.base, self.base))
+        prev = None
+        for k in range(level + 1):
+            if k == level and k > 0 and alpha < 1.0:
+                prev = self.to_rgb[k - 1](x)
+            x = self.blocks[k](x, self.inject.expand(inj, self.base * 2 ** k))
+        out = self.to_rgb[level](x)
+        if prev is not None:
+            out = torch.lerp(upsample2(prev), out, alpha)
+        return out
+
+
+class MinibatchStd(nn.Module):
+    """Append the mean per-feature standard deviation over groups of samples as one extra channel (ProGAN).
+
+    It lets D see a batch's variety, so a collapsed generator is easy to spot.
+    """
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = min(self.group, b)
+        if b % g:
+            g = 1 if b % 2 else 2
+        # Groups of consecutive samples, so that an image and its mirror (the second half of D's batch) never share one.
+        y = x.view(-1, g, c, h, w)
+        std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))   # one value per group
+        std = std.view(-1, 1, 1, 1, 1).expand(-1, g, 1, h, w).reshape(b, 1, h, w)
+        return torch.cat([x, std], dim=1)
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_ch, in_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2),
+            nn.AvgPool2d(2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+
+class FromRGB(nn.Module):
+    """Per-resolution biased 1x1 conversion from RGB to the discriminator's channels."""
+
+    def __init__(self, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, out_ch, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.conv(x), 0.2)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        ch = cfg.d_channels
+        self.from_rgb = nn.ModuleList(FromRGB(c) for c in ch)
+        self.blocks = nn.ModuleList([nn.Identity()] + [DownBlock(ch[k], ch[k - 1]) for k in range(1, len(ch))])
+        extra = 1 if cfg.mbstd else 0
+        self.head = nn.Sequential(
+            MinibatchStd() if cfg.mbstd else nn.Identity(),
+            nn.Conv2d(ch[0] + extra, ch[0], 3, padding=1, bias=False), nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(ch[0] * cfg.base ** 2, ch[0], bias=False), nn.LeakyReLU(0.2),
+            nn.Linear(ch[0], 1),
+        )
+
+    @property
+    def levels(self) -> int:
+        return len(self.from_rgb)
+
+    def features(self, img: torch.Tensor, level: int, alpha: float) -> torch.Tensor:
+        x = self.from_rgb[level](img)
+        if level > 0:
+            x = self.blocks[level](x)
+            if alpha < 1.0:
+                x = torch.lerp(self.from_rgb[level - 1](F.avg_pool2d(img, 2)), x, alpha)
+        for k in range(level - 1, 0, -1):
+            x = self.blocks[k](x)
+        return x
+
+    def forward(self, img: torch.Tensor, level: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+        """Logit per image: the mean of the scores of the image and its mirror (faces are left-right symmetric)."""
+        level = self.levels - 1 if level is None else level
+        b = img.shape[0]
+        both = torch.cat([img, img.flip(3)])
+        logits = self.head(self.features(both, level, alpha)).view(2, b)
+        return logits.mean(0)

@@ -1,0 +1,206 @@
+"""A training run folder and the loop around Trainer: resume, progress bar, log.jsonl, training.mkv, checkpoints,
+and a clean stop on Ctrl-C / SIGTERM.
+
+Run folder layout:
+    config.json            the run's TrainConfig
+    log.jsonl              scalars every `log_every` steps
+    training.mkv           the fixed-latent video of the whole run (segments in video/ joined after each session)
+    checkpoints/epoch-NNNN.pt, checkpoints/latest
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from progan import checkpoint
+from progan.config import RESUMABLE_CHANGES, TrainConfig
+from progan.errors import ProganError
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs_done: int
+    nimg: int
+    signal: int | None  # the signal that stopped training early, else None
+    checkpoint: Path | None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ProganError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProganError("--device cuda asked for, but no CUDA GPU is available")
+    return dev
+
+
+def load_dataset(source: str, size: int, cache_dir: str | None = None, allow_upscale: bool = False):
+    """An image folder, or the built-in offline set 'digits' (coloured stacked digits) when no such folder exists."""
+    from progan import facedata
+
+    if source == "digits" and not Path(source).exists():
+        return facedata.stacked_digits(size=size)
+    return facedata.load_folder(source, size, cache_dir=cache_dir, allow_upscale=allow_upscale)
+
+
+def resolve_config(run_dir: Path, requested: dict[str, Any], explicit: set[str], fresh: bool
+                   ) -> tuple[TrainConfig, dict | None]:
+    """The config to train with and the checkpoint to resume from (None for a new run).
+
+    On resume the saved config wins; options given explicitly on the command line may only change what is safe
+    to change mid-run (epochs, video/log frequency, keep), anything else is refused with a way out.
+    """
+    ckpt_path = None if fresh else checkpoint.latest(run_dir)
+    if ckpt_path is None:
+        return TrainConfig(**requested), None
+    state = checkpoint.load(ckpt_path)
+    saved = TrainConfig.from_dict(state["config"])
+    changes = {}
+    wanted = TrainConfig(**{**saved.to_dict(), **{k: requested[k] for k in explicit if k in requested}})
+    for key in saved.differences(wanted):
+        if key not in RESUMABLE_CHANGES:
+            raise ProganError(
+                f"{run_dir} was trained with {key}={getattr(saved, key)} but {key}={getattr(wanted, key)} was asked "
+                f"for; resume without changing it, or start fresh with --fresh or another --out")
+        changes[key] = getattr(wanted, key)
+    cfg = TrainConfig(**{**saved.to_dict(), **changes})
+    state["resumed_from"] = str(ckpt_path)
+    return cfg, state
+
+
+def archive_run(run_dir: Path) -> Path | None:
+    """--fresh never deletes work: an existing run folder is renamed aside."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    dest = run_dir.with_name(f"{run_dir.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+    run_dir.rename(dest)
+    return dest
+
+
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a request to stop after the current step; a second signal stops at once."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def video_cell(size: int) -> int:
+    """Grid cell size in training.mkv: at least 64 px so early 4 px images are visible, at most 128 px."""
+    return min(128, size * max(1, 64 // size))
+
+
+def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit: set[str] | None = None,
+          fresh: bool = False, device: str = "auto", cache_dir: str | None = None, allow_upscale: bool = False,
+          progress: bool = True, max_steps: int | None = None) -> RunResult:
+    """Train (or resume) the run in run_dir on the images in source until cfg.epochs epochs are done.
+
+    `explicit` names the options the user actually gave (they may override a resumed run's safe options).
+    `max_steps` stops early after that many steps in this session (for tests and benchmarks), with a checkpoint.
+    """
+    from progan import visualization
+    from progan.facedata import ImageBank
+    from progan.gantrain import Trainer
+
+    run_dir = Path(run_dir)
+    if fresh:
+        moved = archive_run(run_dir)
+        if moved:
+            print(f"--fresh: moved the existing run to {moved}", file=sys.stderr)
+    cfg, state = resolve_config(run_dir, requested, explicit or set(), fresh=False)
+    dev = pick_device(device)
+    data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale)
+    if len(data) < cfg.batch:
+        raise ProganError(f"only {len(data)} usable images in {source}, fewer than one batch (--batch {cfg.batch})")
+    bank = ImageBank(data.images, dev)
+    trainer = Trainer(cfg, bank, dev)
+    if state is not None:
+        trainer.load_state_dict(state)
+        print(f"resuming {run_dir} from {Path(state['resumed_from']).name}: epoch {trainer.epoch}, "
+              f"{trainer.nimg:,} images shown", file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+
+    ipe = trainer.images_per_epoch
+    total = cfg.epochs * ipe
+    if trainer.nimg >= total:
+        print(f"{run_dir} already has {trainer.epoch} epochs; pass a larger --epochs to train on", file=sys.stderr)
+        return RunResult(run_dir, trainer.epoch, trainer.nimg, None, checkpoint.latest(run_dir))
+
+    def save(mid_epoch: bool) -> Path:
+        name = checkpoint.checkpoint_name(trainer.epoch, trainer.nimg if mid_epoch else None)
+        return checkpoint.save(trainer.state_dict(), run_dir / "checkpoints", name, keep=cfg.keep)
+
+    from tqdm import tqdm
+
+    cell = video_cell(cfg.size)
+    last_stats = None
+    last_ckpt = None
+    t_last, n_last = time.perf_counter(), trainer.nimg
+    ips = 0.0
+    session_steps = 0
+    bar = tqdm(total=total, initial=trainer.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+               disable=not progress, desc=run_dir.name, smoothing=0.05)
+    with stop_signals() as stop, visualization.TrainingVideo(run_dir) as video, \
+            open(run_dir / "log.jsonl", "a") as log:
+        while trainer.nimg < total and not stop:
+            trainer.step()
+            session_steps += 1
+            bar.update(cfg.batch)
+            level, alpha = trainer.phase()
+            if trainer.steps % cfg.log_every == 0:
+                stats = trainer.read_stats()
+                now = time.perf_counter()
+                ips = (trainer.nimg - n_last) / max(now - t_last, 1e-9)
+                t_last, n_last = now, trainer.nimg
+                last_stats = stats
+                rec = {"step": trainer.steps, "nimg": trainer.nimg, "epoch": trainer.nimg / ipe,
+                       "level": level, "res": cfg.resolution(level), "alpha": round(alpha, 4),
+                       **{k: round(v, 5) for k, v in vars(stats).items()}, "img_per_s": round(ips, 2),
+                       "time": round(time.time(), 2)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix_str(f"{cfg.resolution(level)}px a={alpha:.2f} eps={stats.eps:.3f} "
+                                    f"D {stats.real_rating:.2f}/{stats.fake_rating:.2f}", refresh=False)
+            if trainer.steps % cfg.video_every == 0:
+                s = last_stats
+                text = (f"ep {trainer.nimg / ipe:6.2f}  {cfg.resolution(level)}px  a={alpha:.2f}  "
+                        + (f"eps={s.eps:.3f}  D(real) {s.real_rating:.0%} vs D(fake) {s.fake_rating:.0%}  "
+                           if s else "")
+                        + f"{trainer.nimg:,} img  {ips:.0f} img/s")
+                images = visualization.to_uint8(trainer.render_fixed())
+                video.add(visualization.training_frame(images, cell, text))
+            if trainer.nimg % ipe == 0:
+                last_ckpt = save(mid_epoch=False)
+            if max_steps is not None and session_steps >= max_steps:
+                break
+        bar.close()
+        if trainer.nimg % ipe and (stop or max_steps is not None):
+            last_ckpt = save(mid_epoch=True)
+            print(f"saved {last_ckpt}", file=sys.stderr)
+    return RunResult(run_dir, trainer.epoch, trainer.nimg, stop[0] if stop else None,
+                     last_ckpt or checkpoint.latest(run_dir))
