@@ -60,13 +60,16 @@ _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every"
 @click.option("--latent-dim", type=int, default=None, help="Latent dimension." + _d("latent_dim"))
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints: move the old run folder aside and start over.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,
+              help="Arithmetic for the forward passes [default: bf16 on CUDA, fp32 on CPU].")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the network blocks (CUDA; falls back if unsupported).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where decoded images are cached [default: $PROGAN_CACHE or ~/.cache/progan].")
 @click.option("--allow-upscale", is_flag=True, help="Accept images smaller than --size (they are upscaled).")
 @click.option("--max-steps", type=int, default=None, hidden=True, help="Stop after N steps (tests).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
-def train(images: str, out: str | None, preset: str, fresh: bool, device: str,
-          cache_dir: str | None, allow_upscale: bool, max_steps: int | None, no_progress: bool, **options) -> None:
+def train(images: str, out: str | None, preset: str, fresh: bool, device: str, precision: str | None,
+          compile_: bool, cache_dir: str | None, allow_upscale: bool, max_steps: int | None, no_progress: bool, **options) -> None:
     """Train on the images in DIR (any folder tree of jpg/png/webp/bmp), or on the built-in 'digits' set.
 
     Writes OUT/training.mkv, OUT/config.json, OUT/log.jsonl and OUT/checkpoints/epoch-NNNN.pt (+ latest).
@@ -81,12 +84,183 @@ def train(images: str, out: str | None, preset: str, fresh: bool, device: str,
         explicit |= set(PRESETS[preset])
     run_dir = Path(out) if out else Path("runs") / (Path(images).resolve().name or "run")
     result = run_train(images, run_dir, requested, explicit, fresh=fresh, device=device, cache_dir=cache_dir,
-                       allow_upscale=allow_upscale, progress=not no_progress, max_steps=max_steps)
+                       allow_upscale=allow_upscale, progress=not no_progress, max_steps=max_steps,
+                       precision=precision, compile=compile_)
     if result.signal is not None:
         click.echo(f"stopped by signal; resume with the same command (checkpoint {result.checkpoint})", err=True)
         sys.exit(128 + result.signal)
     click.echo(f"done: {result.epochs_done} epochs, {result.nimg:,} images shown; run folder {result.run_dir}",
                err=True)
+
+
+# --- using a trained run -------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("run", metavar="RUN")
+@click.option("--out", required=True, type=click.Path(),
+              help="An image file (.png/.jpg/.webp) for one grid of all faces, or a folder for one PNG per face.")
+@click.option("--n", "n", type=int, default=64, show_default=True, help="Number of faces.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Latent seed; the same seed gives the same faces.")
+@click.option("--cols", type=int, default=None, help="Grid columns [default: ceil(sqrt(n))].")
+@click.option("--batch", type=int, default=256, show_default=True, help="Faces per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-ema", is_flag=True, help="Use the raw generator instead of its moving average.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def generate(run: str, out: str, n: int, seed: int, cols: int | None, batch: int, device: str, no_ema: bool,
+             no_progress: bool) -> None:
+    """Render N faces from RUN: one grid image, or one PNG per face in a folder.
+
+    RUN is a run folder (its latest checkpoint), a checkpoint file (.pt) or an exported .safetensors file.
+
+    \b
+    progan generate runs/utk64 --n 64 --seed 1 --out faces.png
+    progan generate runs/utk64 --n 10000 --out faces/
+    """
+    import math
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from progan import visualization
+    from progan.facedata import IMAGE_EXTENSIONS
+    from progan.generate import load_generator
+
+    if n < 1:
+        raise ProganError(f"--n must be at least 1, got {n}")
+    if batch < 1:
+        raise ProganError(f"--batch must be at least 1, got {batch}")
+    gen = load_generator(run, device=device, ema=not no_ema)
+    dest = Path(out)
+    if dest.suffix.lower() in IMAGE_EXTENSIONS and not dest.is_dir():
+        cols = cols or math.ceil(math.sqrt(n))
+        if cols < 1:
+            raise ProganError(f"--cols must be at least 1, got {cols}")
+        grid = visualization.image_grid(gen.sample(n, seed=seed, batch=batch), cols)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(dest)
+        click.echo(f"wrote {dest} ({grid.shape[1]}x{grid.shape[0]}, {n} faces at {gen.resolution} px)", err=True)
+        return
+    if dest.exists() and not dest.is_dir():
+        raise ProganError(f"--out {dest} exists and is not a folder (use an image extension for a grid)")
+    dest.mkdir(parents=True, exist_ok=True)
+    digits = max(6, len(str(n - 1)))
+    i = 0
+    with tqdm(total=n, unit="img", disable=no_progress, desc=dest.name or str(dest), dynamic_ncols=True) as bar:
+        # One batch in memory at a time, whatever n is.
+        for images in gen.sample_batches(n, seed=seed, batch=batch):
+            for img in images:
+                Image.fromarray(img).save(dest / f"{i:0{digits}d}.png")
+                i += 1
+            bar.update(len(images))
+    click.echo(f"wrote {n} faces ({gen.resolution} px) to {dest}", err=True)
+
+
+
+@cli.command()
+@click.argument("run", metavar="RUN")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Video file: .mp4, .mkv or .gif.")
+@click.option("--keys", type=int, default=8, show_default=True, help="Random key latents per walk.")
+@click.option("--frames-per-key", type=int, default=48, show_default=True, help="Frames from one key to the next.")
+@click.option("--grid", default="1x1", show_default=True, help="CxR grid of independent walks.")
+@click.option("--fps", type=float, default=30, show_default=True, help="Frames per second.")
+@click.option("--cell", type=int, default=None,
+              help="Pixel size of each grid cell [default: the resolution times an integer, at least 128].")
+@click.option("--ease", is_flag=True, help="Ease in and out at every key (the walk pauses on each key face).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the key latents.")
+@click.option("--batch", type=int, default=256, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-ema", is_flag=True, help="Use the raw generator instead of its moving average.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def interpolate(run: str, out: str, keys: int, frames_per_key: int, grid: str, fps: float, cell: int | None,
+                ease: bool, seed: int, batch: int, device: str, no_ema: bool, no_progress: bool) -> None:
+    """A looping video of walks on the latent sphere: great circles through random key latents and back.
+
+    Every grid cell walks through its own keys; the video has KEYS * FRAMES_PER_KEY frames and loops seamlessly.
+    RUN is a run folder, a checkpoint file (.pt) or an exported .safetensors file.
+
+    \b
+    progan interpolate runs/utk64 --out morph.mp4 --keys 8 --frames-per-key 48 --grid 3x3 --seed 2
+    """
+    from tqdm import tqdm
+
+    from progan import generate as gen_mod
+
+    from progan.visualization import VIDEO_FORMATS
+
+    if Path(out).suffix.lower() not in VIDEO_FORMATS:
+        raise ProganError(f"unsupported video format '{Path(out).suffix}' (use .mp4, .mkv or .gif)")
+    cols_rows = gen_mod.parse_grid(grid)
+    if keys < 2 or frames_per_key < 1:
+        raise ProganError("--keys must be at least 2 and --frames-per-key at least 1")
+    if fps <= 0:
+        raise ProganError(f"--fps must be positive, got {fps}")
+    gen = gen_mod.load_generator(run, device=device, ema=not no_ema)
+    with tqdm(total=keys * frames_per_key, unit="frame", disable=no_progress, desc=Path(out).name,
+              dynamic_ncols=True) as bar:
+        frames, width, height = gen_mod.interpolate(
+            gen, out, keys=keys, frames_per_key=frames_per_key, grid=cols_rows, seed=seed, fps=fps, cell=cell,
+            smooth=ease, batch=batch, progress=bar.update)
+    click.echo(f"wrote {out} ({frames} frames, {width}x{height}, {frames / fps:.1f} s)", err=True)
+
+
+
+@cli.command()
+@click.argument("run", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(run: str, as_json: bool) -> None:
+    """What is in RUN's checkpoint (or export): config, progress, growth phase, parameter counts.
+
+    RUN is a run folder (its latest checkpoint), a checkpoint file (.pt) or an exported .safetensors file.
+    """
+    import json
+
+    from progan.generate import describe
+
+    info = describe(run)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+
+    def fmt(v) -> str:
+        return "-" if v is None else f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    size = info["file_size"]
+    phase = "stable" if info["alpha"] >= 1.0 else "fading in"
+    p = info["parameters"]
+    lines = [
+        f"file         {info['path']} ({size / 2**20:.2f} MiB, {size:,} bytes)",
+        f"kind         {info['kind']}, schema {info['schema']}"
+        + ("" if info["ema"] is None else f", {'EMA' if info['ema'] else 'raw'} generator"),
+        f"epoch        {fmt(info['epoch'])}",
+        f"images shown {fmt(info['nimg'])}" + ("" if info["steps"] is None else f" ({info['steps']:,} steps)"),
+        f"resolution   {info['resolution']}x{info['resolution']} (level {info['level']} of {info['levels'] - 1}), "
+        f"alpha {info['alpha']:.4g} ({phase})",
+        f"eps          {'-' if info['eps'] is None else format(info['eps'], '.5g')}",
+        f"parameters   G {fmt(p['G'])}, D {fmt(p['D'])}",
+        "config",
+    ]
+    width = max(len(k) for k in info["config"])
+    lines += [f"  {k:<{width}}  {v}" for k, v in info["config"].items()]
+    click.echo("\n".join(lines))
+
+
+
+@cli.command()
+@click.argument("run", metavar="RUN")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Output .safetensors file [default: RUN/generator.safetensors].")
+@click.option("--no-ema", is_flag=True, help="Export the raw generator instead of its moving average.")
+def export(run: str, out: str | None, no_ema: bool) -> None:
+    """Save RUN's generator and its config as a .safetensors file (no pickle; loads anywhere safetensors does).
+
+    RUN is a run folder (its latest checkpoint) or a checkpoint file (.pt). The export works as RUN for
+    generate, interpolate and inspect.
+    """
+    from progan.generate import export as export_generator
+
+    path = export_generator(run, out, ema=not no_ema)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)", err=True)
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,7 @@ class TrainConfig:
     d_channels: tuple[int, ...] = ()
     inject_channels: int = 16           # latent features repeated at every pixel (plus 2 xy channels)
     pixel_norm: bool = True             # ProGAN pixel norm after generator convolutions
+    eq_lr: bool = True                  # ProGAN equalised learning rate (weights scaled at run time)
     mbstd: bool = True                  # minibatch standard deviation channel in D's last block
 
     # progressive schedule, in images shown
@@ -146,7 +147,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # no pixel norm or minibatch-stddev, Adam as in its gantrain.py.
     "seed2019": dict(
         size=160, base=20, g_channels=(128,) * 4, d_channels=(32,) * 4, batch=16,
-        pixel_norm=False, mbstd=False, lr_g=1e-4, lr_d=1e-3, beta1=0.5, beta2=0.999, diversity=1.0,
+        pixel_norm=False, mbstd=False, eq_lr=False, lr_g=1e-4, lr_d=1e-3, beta1=0.5, beta2=0.999, diversity=1.0,
     ),
 }
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from progan import latent
 from progan.config import TrainConfig
-from progan.networks import Discriminator, Generator, upsample2
+from progan.networks import Discriminator, DownBlock, FromRGB, Generator, ToRGB, UpConv, upsample2
 
 N_FIXED = 32  # the training video's grid of fixed latents (8 x 4)
 
@@ -102,20 +102,42 @@ class StepStats:
     eps: float
 
 
+def compile_blocks(*nets: torch.nn.Module) -> None:
+    """torch.compile each resolution block in place (level and alpha stay eager, so changing them recompiles
+    nothing). Where compilation is unsupported, dynamo falls back to eager code with a warning."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    for net in nets:
+        for m in list(net.modules()):
+            if isinstance(m, (UpConv, DownBlock, ToRGB, FromRGB)):
+                m.compile()
+
+
 class Trainer:
     """Networks, optimisers, noise controller, EMA and RNG of one training run; state_dict() is the checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, bank, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: TrainConfig, bank, device: torch.device | str = "cpu", precision: str = "fp32",
+                 compile: bool = False):
         from progan.facedata import epoch_order  # local: facedata pulls in Pillow and friends
 
         self.cfg, self.bank, self.device = cfg, bank, torch.device(device)
         self._epoch_order = epoch_order
+        if precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"unknown precision {precision!r}")
+        # bf16 autocast for the forward passes; weights, optimiser state, losses and EMA stay fp32.
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         # Weight init from the run's seed without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.G = Generator(cfg).to(self.device)
             self.D = Discriminator(cfg).to(self.device)
+        if self.device.type == "cuda":
+            self.G.to(memory_format=torch.channels_last)
+            self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        if compile:
+            compile_blocks(self.G, self.D)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
@@ -165,9 +187,11 @@ class Trainer:
 
         # Generator step: no noise, so G gets clean gradients (the seed's choice).
         self.D.requires_grad_(False)
-        fake = self.G(z, level, alpha)
+        with self.autocast:
+            fake = self.G(z, level, alpha).float()
         add_diversity(fake, cfg.diversity)
-        g_loss = F.softplus(-self.D(fake, level, alpha)).mean()
+        with self.autocast:
+            g_loss = F.softplus(-self.D(fake, level, alpha).float()).mean()
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
@@ -178,7 +202,8 @@ class Trainer:
         eps = self.noise.eps
         real_n = real + eps * torch.randn(real.shape, generator=self.rng, device=self.device)
         fake_n = fake + eps * torch.randn(fake.shape, generator=self.rng, device=self.device)
-        d_real, d_fake = self.D(real_n, level, alpha), self.D(fake_n, level, alpha)
+        with self.autocast:
+            d_real, d_fake = self.D(real_n, level, alpha).float(), self.D(fake_n, level, alpha).float()
         d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()

@@ -14,6 +14,46 @@ import torch.nn.functional as F
 from progan.config import TrainConfig
 
 
+class EqConv2d(nn.Conv2d):
+    """Convolution with ProGAN's equalised learning rate: weights stored as N(0, 1) and scaled by the He constant
+    sqrt(2 / fan_in) at run time, so Adam's step is the same relative size in every layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.scale = (2.0 / self.weight[0].numel()) ** 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.scale, self.bias)
+
+
+class EqLinear(nn.Linear):
+    """Linear layer with equalised learning rate (see EqConv2d)."""
+
+    def __init__(self, *args, gain: float = 2.0 ** 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        nn.init.normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.scale = gain / self.in_features ** 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+def conv(eq: bool, *args, **kwargs) -> nn.Conv2d:
+    return EqConv2d(*args, **kwargs) if eq else nn.Conv2d(*args, **kwargs)
+
+
+def linear(eq: bool, *args, **kwargs) -> nn.Linear:
+    if eq:
+        return EqLinear(*args, **kwargs)
+    kwargs.pop("gain", None)
+    return nn.Linear(*args, **kwargs)
+
+
 def upsample2(x: torch.Tensor) -> torch.Tensor:
     """Bilinear doubling, as in the seed's UpConv."""
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
@@ -32,9 +72,9 @@ class Inject(nn.Module):
     It gives every UpConv a shortcut to the latent and to absolute position.
     """
 
-    def __init__(self, latent_dim: int, channels: int):
+    def __init__(self, latent_dim: int, channels: int, eq_lr: bool = True):
         super().__init__()
-        self.features = nn.Linear(latent_dim, channels, bias=False)
+        self.features = linear(eq_lr, latent_dim, channels, bias=False, gain=1.0)
         self.channels = channels + 2
 
     def vector(self, z: torch.Tensor) -> torch.Tensor:
@@ -52,13 +92,14 @@ class Inject(nn.Module):
 class UpConv(nn.Module):
     """Bilinear x2 (skipped for the base block), concatenate the injected block, two size-preserving convolutions."""
 
-    def __init__(self, in_ch: int, inject_ch: int, out_ch: int, upsample: bool, pixel_norm: bool):
+    def __init__(self, in_ch: int, inject_ch: int, out_ch: int, upsample: bool, pixel_norm: bool,
+                 eq_lr: bool = True):
         super().__init__()
         self.upsample = upsample
         norm = PixelNorm() if pixel_norm else nn.Identity()
         self.convs = nn.Sequential(
-            nn.Conv2d(in_ch + inject_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2), norm,
-            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2), norm,
+            conv(eq_lr, in_ch + inject_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2), norm,
+            conv(eq_lr, out_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2), norm,
         )
 
     def forward(self, x: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
@@ -70,9 +111,11 @@ class UpConv(nn.Module):
 class ToRGB(nn.Module):
     """Per-resolution biased 1x1 conversion to a tanh-valued image (the only biased generator layer)."""
 
-    def __init__(self, in_ch: int):
+    def __init__(self, in_ch: int, eq_lr: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, 3, 1, bias=True)
+        self.conv = conv(eq_lr, in_ch, 3, 1, bias=True)
+        if eq_lr:
+            self.conv.scale = (1.0 / in_ch) ** 0.5  # linear layer: gain 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.conv(x))
@@ -83,13 +126,15 @@ class Generator(nn.Module):
         super().__init__()
         self.latent_dim, self.base, ch = cfg.latent_dim, cfg.base, cfg.g_channels
         # The "latent image": spatial structure at base size, without which the net only makes flat tiles.
-        self.latent_image = nn.Linear(cfg.latent_dim, ch[0] * cfg.base ** 2, bias=False)
-        self.inject = Inject(cfg.latent_dim, cfg.inject_channels)
+        eq = cfg.eq_lr
+        self.latent_image = linear(eq, cfg.latent_dim, ch[0] * cfg.base ** 2, bias=False, gain=1.0)
+        self.inject = Inject(cfg.latent_dim, cfg.inject_channels, eq)
         self.blocks = nn.ModuleList(
-            UpConv(ch[max(k - 1, 0)], self.inject.channels, ch[k], upsample=k > 0, pixel_norm=cfg.pixel_norm)
+            UpConv(ch[max(k - 1, 0)], self.inject.channels, ch[k], upsample=k > 0, pixel_norm=cfg.pixel_norm,
+                   eq_lr=eq)
             for k in range(len(ch))
         )
-        self.to_rgb = nn.ModuleList(ToRGB(c) for c in ch)
+        self.to_rgb = nn.ModuleList(ToRGB(c, eq) for c in ch)
         self.norm = PixelNorm() if cfg.pixel_norm else nn.Identity()
 
     @property
@@ -134,11 +179,11 @@ class MinibatchStd(nn.Module):
 
 
 class DownBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, eq_lr: bool = True):
         super().__init__()
         self.convs = nn.Sequential(
-            nn.Conv2d(in_ch, in_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2),
-            nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2),
+            conv(eq_lr, in_ch, in_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2),
+            conv(eq_lr, in_ch, out_ch, 3, padding=1, bias=False), nn.LeakyReLU(0.2),
             nn.AvgPool2d(2),
         )
 
@@ -149,9 +194,9 @@ class DownBlock(nn.Module):
 class FromRGB(nn.Module):
     """Per-resolution biased 1x1 conversion from RGB to the discriminator's channels."""
 
-    def __init__(self, out_ch: int):
+    def __init__(self, out_ch: int, eq_lr: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(3, out_ch, 1, bias=True)
+        self.conv = conv(eq_lr, 3, out_ch, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.conv(x), 0.2)
@@ -161,15 +206,16 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: TrainConfig):
         super().__init__()
         ch = cfg.d_channels
-        self.from_rgb = nn.ModuleList(FromRGB(c) for c in ch)
-        self.blocks = nn.ModuleList([nn.Identity()] + [DownBlock(ch[k], ch[k - 1]) for k in range(1, len(ch))])
+        eq = cfg.eq_lr
+        self.from_rgb = nn.ModuleList(FromRGB(c, eq) for c in ch)
+        self.blocks = nn.ModuleList([nn.Identity()] + [DownBlock(ch[k], ch[k - 1], eq) for k in range(1, len(ch))])
         extra = 1 if cfg.mbstd else 0
         self.head = nn.Sequential(
             MinibatchStd() if cfg.mbstd else nn.Identity(),
-            nn.Conv2d(ch[0] + extra, ch[0], 3, padding=1, bias=False), nn.LeakyReLU(0.2),
+            conv(eq, ch[0] + extra, ch[0], 3, padding=1, bias=False), nn.LeakyReLU(0.2),
             nn.Flatten(),
-            nn.Linear(ch[0] * cfg.base ** 2, ch[0], bias=False), nn.LeakyReLU(0.2),
-            nn.Linear(ch[0], 1),
+            linear(eq, ch[0] * cfg.base ** 2, ch[0], bias=False), nn.LeakyReLU(0.2),
+            linear(eq, ch[0], 1, gain=1.0),
         )
 
     @property

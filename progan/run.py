@@ -11,6 +11,7 @@ Run folder layout:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -46,6 +47,18 @@ def pick_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ProganError("--device cuda asked for, but no CUDA GPU is available")
     return dev
+
+
+def setup_backend(device: torch.device, precision: str, threads: int | None = None) -> None:
+    """Process-wide speed settings, applied by the CLI and tools (never at import): CPU threads; on CUDA cuDNN
+    autotuning and TF32 matmuls for tf32/bf16."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    else:
+        torch.backends.cudnn.benchmark = True
+        fast = precision in ("tf32", "bf16")
+        torch.backends.cuda.matmul.allow_tf32 = fast
+        torch.backends.cudnn.allow_tf32 = fast
 
 
 def load_dataset(source: str, size: int, cache_dir: str | None = None, allow_upscale: bool = False):
@@ -116,7 +129,8 @@ def video_cell(size: int) -> int:
 
 def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit: set[str] | None = None,
           fresh: bool = False, device: str = "auto", cache_dir: str | None = None, allow_upscale: bool = False,
-          progress: bool = True, max_steps: int | None = None) -> RunResult:
+          progress: bool = True, max_steps: int | None = None, precision: str | None = None,
+          compile: bool = False) -> RunResult:
     """Train (or resume) the run in run_dir on the images in source until cfg.epochs epochs are done.
 
     `explicit` names the options the user actually gave (they may override a resumed run's safe options).
@@ -133,11 +147,13 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
             print(f"--fresh: moved the existing run to {moved}", file=sys.stderr)
     cfg, state = resolve_config(run_dir, requested, explicit or set(), fresh=False)
     dev = pick_device(device)
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    setup_backend(dev, precision)
     data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale)
     if len(data) < cfg.batch:
         raise ProganError(f"only {len(data)} usable images in {source}, fewer than one batch (--batch {cfg.batch})")
     bank = ImageBank(data.images, dev)
-    trainer = Trainer(cfg, bank, dev)
+    trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile)
     if state is not None:
         trainer.load_state_dict(state)
         print(f"resuming {run_dir} from {Path(state['resumed_from']).name}: epoch {trainer.epoch}, "
