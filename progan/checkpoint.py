@@ -123,18 +123,22 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except FileNotFoundError:
         raise ProganError(f"no such checkpoint: {path}") from None
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise ProganError(f"refusing to load {path}: it contains code or objects that are not plain weights "
-                              f"({first[:120]})") from None
-        raise ProganError(f"{path} is not a progan checkpoint (corrupt or truncated: {first[:120]})") from None
+        text = str(e)
+        # torch words this differently across versions: "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y".
+        m = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)
+        if m:
+            raise ProganError(f"refusing to load {path}: it would import {m.group(1)} (code, not plain weights); "
+                              f"only load checkpoints you trust, and never with weights_only=False") from None
+        raise ProganError(f"{path} is not a progan checkpoint (corrupt or truncated)") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ProganError(f"{path} is not a progan checkpoint (corrupt or truncated: {msg[:120]})") from None
     if not isinstance(state, dict) or "schema" not in state or "config" not in state:
         raise ProganError(f"{path} is not a progan checkpoint (no schema/config)")
     schema = state["schema"]
-    if not isinstance(schema, int) or schema > SCHEMA:
+    if not isinstance(schema, int):
+        raise ProganError(f"{path} has an invalid checkpoint schema {schema!r}")
+    if schema > SCHEMA:
         raise ProganError(f"{path} has checkpoint schema {schema}, newer than this progan understands ({SCHEMA}); "
                           f"upgrade progan")
     return migrate(state)

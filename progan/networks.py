@@ -168,9 +168,9 @@ class MinibatchStd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        g = min(self.group, b)
-        if b % g:
-            g = 1 if b % 2 else 2
+        # D's batch is images then their mirrors: groups must divide each half so no group spans both.
+        half = b // 2 if b % 2 == 0 else b
+        g = max(d for d in range(1, min(self.group, half) + 1) if half % d == 0)
         # Groups of consecutive samples, so that an image and its mirror (the second half of D's batch) never share one.
         y = x.view(-1, g, c, h, w)
         std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))   # one value per group

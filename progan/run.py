@@ -61,13 +61,14 @@ def setup_backend(device: torch.device, precision: str, threads: int | None = No
         torch.backends.cudnn.allow_tf32 = fast
 
 
-def load_dataset(source: str, size: int, cache_dir: str | None = None, allow_upscale: bool = False):
+def load_dataset(source: str, size: int, cache_dir: str | None = None, allow_upscale: bool = False,
+                 progress: bool = True):
     """An image folder, or the built-in offline set 'digits' (coloured stacked digits) when no such folder exists."""
     from progan import facedata
 
     if source == "digits" and not Path(source).exists():
         return facedata.stacked_digits(size=size)
-    return facedata.load_folder(source, size, cache_dir=cache_dir, allow_upscale=allow_upscale)
+    return facedata.load_folder(source, size, cache_dir=cache_dir, allow_upscale=allow_upscale, progress=progress)
 
 
 def resolve_config(run_dir: Path, requested: dict[str, Any], explicit: set[str], fresh: bool
@@ -82,15 +83,18 @@ def resolve_config(run_dir: Path, requested: dict[str, Any], explicit: set[str],
         return TrainConfig(**requested), None
     state = checkpoint.load(ckpt_path)
     saved = TrainConfig.from_dict(state["config"])
+    old = saved.to_dict()
     changes = {}
-    wanted = TrainConfig(**{**saved.to_dict(), **{k: requested[k] for k in explicit if k in requested}})
-    for key in saved.differences(wanted):
+    for key in sorted(explicit & set(requested)):
+        new = tuple(requested[key]) if isinstance(requested[key], list) else requested[key]
+        if new == old[key]:
+            continue
         if key not in RESUMABLE_CHANGES:
             raise ProganError(
-                f"{run_dir} was trained with {key}={getattr(saved, key)} but {key}={getattr(wanted, key)} was asked "
-                f"for; resume without changing it, or start fresh with --fresh or another --out")
-        changes[key] = getattr(wanted, key)
-    cfg = TrainConfig(**{**saved.to_dict(), **changes})
+                f"{run_dir} was trained with {key}={old[key]} but {key}={new} was asked for; resume without "
+                f"changing it, or start fresh with --fresh or another --out")
+        changes[key] = new
+    cfg = TrainConfig(**{**old, **changes})
     state["resumed_from"] = str(ckpt_path)
     return cfg, state
 
@@ -149,7 +153,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     dev = pick_device(device)
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     setup_backend(dev, precision)
-    data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale)
+    data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale, progress=progress)
     if len(data) < cfg.batch:
         raise ProganError(f"only {len(data)} usable images in {source}, fewer than one batch (--batch {cfg.batch})")
     bank = ImageBank(data.images, dev)
