@@ -42,8 +42,9 @@ _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every"
               help="Run folder [default: runs/<name of DIR>]. Resumes when it holds a checkpoint.")
 @click.option("--size", type=int, default=None,
               help="Final resolution, base*2^k with a small base: 32, 64, 128, 160, 256 ..." + _d("size"))
-@click.option("--preset", type=click.Choice(["default", "seed2019"]), default="default", show_default=True,
-              help="Named configuration; seed2019 = the seed report's own settings (160 px, G 128 / D 32 channels).")
+@click.option("--preset", type=click.Choice(["default", "digits", "seed2019"]), default=None,
+              help="Named configuration: default; digits (32 px, short phases; the default for DIR = digits); "
+                   "seed2019 (the seed report's own settings: 160 px, G 128 / D 32 channels, batch 16).")
 @click.option("--epochs", type=int, default=None, help="Passes over the training images." + _d("epochs"))
 @click.option("--batch", type=int, default=None, help="Minibatch size." + _d("batch"))
 @click.option("--diversity", type=float, default=None,
@@ -68,7 +69,7 @@ _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every"
 @click.option("--allow-upscale", is_flag=True, help="Accept images smaller than --size (they are upscaled).")
 @click.option("--max-steps", type=int, default=None, hidden=True, help="Stop after N steps (tests).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
-def train(images: str, out: str | None, preset: str, fresh: bool, device: str, precision: str | None,
+def train(images: str, out: str | None, preset: str | None, fresh: bool, device: str, precision: str | None,
           compile_: bool, cache_dir: str | None, allow_upscale: bool, max_steps: int | None, no_progress: bool, **options) -> None:
     """Train on the images in DIR (any folder tree of jpg/png/webp/bmp), or on the built-in 'digits' set.
 
@@ -79,6 +80,8 @@ def train(images: str, out: str | None, preset: str, fresh: bool, device: str, p
     from progan.run import train as run_train
 
     explicit = {k for k in _CONFIG_OPTIONS if options[k] is not None}
+    if preset is None:
+        preset = "digits" if images == "digits" and not Path(images).exists() else "default"
     requested = {**PRESETS[preset], **{k: options[k] for k in _CONFIG_OPTIONS if options[k] is not None}}
     if preset != "default":
         explicit |= set(PRESETS[preset])

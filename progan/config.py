@@ -142,6 +142,8 @@ class TrainConfig:
 # Every option a user can set on the command line maps to a field above; presets are named partial configs.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
+    # The built-in stacked-digits set: 32 px, short phases, so a first run shows digits within minutes on a CPU.
+    "digits": dict(size=32, fade_images=4_000, stable_images=4_000, epochs=4, video_every=10),
     # The seed report's own settings: G 128 channels at every level, D 32, batch 16, 20 -> 40 -> 80 -> 160 px
     # (its code builds a 20 px base and first shows 40 px),
     # no pixel norm or minibatch-stddev, Adam as in its gantrain.py.

@@ -10,11 +10,14 @@ Run folder layout:
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -140,7 +143,6 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     `explicit` names the options the user actually gave (they may override a resumed run's safe options).
     `max_steps` stops early after that many steps in this session (for tests and benchmarks), with a checkpoint.
     """
-    from progan import visualization
     from progan.facedata import ImageBank
     from progan.gantrain import Trainer
 
@@ -171,56 +173,126 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
         print(f"{run_dir} already has {trainer.epoch} epochs; pass a larger --epochs to train on", file=sys.stderr)
         return RunResult(run_dir, trainer.epoch, trainer.nimg, None, checkpoint.latest(run_dir))
 
-    def save(mid_epoch: bool) -> Path:
-        name = checkpoint.checkpoint_name(trainer.epoch, trainer.nimg if mid_epoch else None)
-        return checkpoint.save(trainer.state_dict(), run_dir / "checkpoints", name, keep=cfg.keep)
-
-    from tqdm import tqdm
-
-    cell = video_cell(cfg.size)
-    last_stats = None
-    last_ckpt = None
-    t_last, n_last = time.perf_counter(), trainer.nimg
-    ips = 0.0
-    session_steps = 0
-    bar = tqdm(total=total, initial=trainer.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
-               disable=not progress, desc=run_dir.name, smoothing=0.05)
-    with stop_signals() as stop, visualization.TrainingVideo(run_dir) as video, \
-            open(run_dir / "log.jsonl", "a") as log:
-        while trainer.nimg < total and not stop:
-            trainer.step()
-            session_steps += 1
-            bar.update(cfg.batch)
-            level, alpha = trainer.phase()
-            if trainer.steps % cfg.log_every == 0:
-                stats = trainer.read_stats()
-                now = time.perf_counter()
-                ips = (trainer.nimg - n_last) / max(now - t_last, 1e-9)
-                t_last, n_last = now, trainer.nimg
-                last_stats = stats
-                rec = {"step": trainer.steps, "nimg": trainer.nimg, "epoch": trainer.nimg / ipe,
-                       "level": level, "res": cfg.resolution(level), "alpha": round(alpha, 4),
-                       **{k: round(v, 5) for k, v in vars(stats).items()}, "img_per_s": round(ips, 2),
-                       "time": round(time.time(), 2)}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                bar.set_postfix_str(f"{cfg.resolution(level)}px a={alpha:.2f} eps={stats.eps:.3f} "
-                                    f"D {stats.real_rating:.2f}/{stats.fake_rating:.2f}", refresh=False)
-            if trainer.steps % cfg.video_every == 0:
-                s = last_stats
-                text = (f"ep {trainer.nimg / ipe:6.2f}  {cfg.resolution(level)}px  a={alpha:.2f}  "
-                        + (f"eps={s.eps:.3f}  D(real) {s.real_rating:.0%} vs D(fake) {s.fake_rating:.0%}  "
-                           if s else "")
-                        + f"{trainer.nimg:,} img  {ips:.0f} img/s")
-                images = visualization.to_uint8(trainer.render_fixed())
-                video.add(visualization.training_frame(images, cell, text))
-            if trainer.nimg % ipe == 0:
-                last_ckpt = save(mid_epoch=False)
-            if max_steps is not None and session_steps >= max_steps:
-                break
-        bar.close()
-        if trainer.nimg % ipe and (stop or max_steps is not None):
-            last_ckpt = save(mid_epoch=True)
-            print(f"saved {last_ckpt}", file=sys.stderr)
+    session = Session(trainer, run_dir, progress)
+    with stop_signals() as stop:
+        session.run(total, stop, max_steps)
     return RunResult(run_dir, trainer.epoch, trainer.nimg, stop[0] if stop else None,
-                     last_ckpt or checkpoint.latest(run_dir))
+                     session.last_ckpt or checkpoint.latest(run_dir))
+
+
+class Session:
+    """One sitting of training: the step loop with its log lines, video frames, checkpoints and NaN rollback."""
+
+    MAX_FAILURES = 3  # divergences in a row before giving up
+
+    def __init__(self, trainer, run_dir: Path, progress: bool):
+        self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
+        self.cfg = trainer.cfg
+        self.ipe = trainer.images_per_epoch
+        self.cell = video_cell(self.cfg.size)
+        self.last_stats = None
+        self.last_ckpt: Path | None = None
+        self.ips = 0.0
+        self.failures = 0
+        # In-memory copy of the last good state (start of session or last checkpoint), for NaN rollback.
+        self.good = copy.deepcopy(trainer.state_dict())
+
+    def run(self, total: int, stop: list[int], max_steps: int | None) -> None:
+        from tqdm import tqdm
+
+        from progan import visualization
+
+        t, cfg = self.trainer, self.cfg
+        self.t_last, self.n_last = time.perf_counter(), t.nimg
+        bar = tqdm(total=total, initial=t.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+                   disable=not self.progress, desc=self.run_dir.name, smoothing=0.05)
+        video = visualization.TrainingVideo(self.run_dir)
+        steps = 0
+        try:
+            with open(self.run_dir / "log.jsonl", "a") as log:
+                while t.nimg < total and not stop:
+                    t.step()
+                    steps += 1
+                    bar.update(cfg.batch)
+                    if t.steps % cfg.log_every == 0 and not self.log(log, bar):
+                        bar.n = t.nimg
+                        continue  # rolled back: no frame or checkpoint from a diverged state
+                    if t.steps % cfg.video_every == 0:
+                        video.add(self.frame())
+                    if t.nimg % self.ipe == 0:
+                        if not self.checkpoint(mid_epoch=False):
+                            bar.n = t.nimg
+                            continue
+                        # A new video segment per epoch: training.mkv is rejoined now, so it can be watched mid-run.
+                        video.close()
+                        video = visualization.TrainingVideo(self.run_dir)
+                    if max_steps is not None and steps >= max_steps:
+                        break
+                bar.close()
+                if t.nimg % self.ipe and (stop or max_steps is not None) and self.checkpoint(mid_epoch=True):
+                    print(f"saved {self.last_ckpt}", file=sys.stderr)
+        finally:
+            video.close()
+
+    def log(self, log, bar) -> bool:
+        """Read the step statistics (the loop's one host sync) and write a log line; False if it rolled back."""
+        t, cfg = self.trainer, self.cfg
+        stats = t.read_stats()
+        if not all(math.isfinite(v) for v in vars(stats).values()):
+            self.rollback("non-finite loss")
+            return False
+        now = time.perf_counter()
+        self.ips = (t.nimg - self.n_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.n_last = now, t.nimg
+        self.last_stats = stats
+        level, alpha = t.phase()
+        rec = {"step": t.steps, "nimg": t.nimg, "epoch": t.nimg / self.ipe, "level": level,
+               "res": cfg.resolution(level), "alpha": round(alpha, 4),
+               **{k: round(v, 5) for k, v in vars(stats).items()}, "img_per_s": round(self.ips, 2),
+               "time": round(time.time(), 2)}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        bar.set_postfix_str(f"{cfg.resolution(level)}px a={alpha:.2f} eps={stats.eps:.3f} "
+                            f"D {stats.real_rating:.2f}/{stats.fake_rating:.2f}", refresh=False)
+        return True
+
+    def frame(self):
+        """The training-video frame: the fixed latents through the EMA generator, with a status line."""
+        from progan import visualization
+
+        t, s = self.trainer, self.last_stats
+        level, alpha = t.phase()
+        text = (f"ep {t.nimg / self.ipe:6.2f}  {self.cfg.resolution(level)}px  a={alpha:.2f}  "
+                + (f"eps={s.eps:.3f}  D(real) {s.real_rating:.0%} vs D(fake) {s.fake_rating:.0%}  " if s else "")
+                + f"{t.nimg:,} img  {self.ips:.0f} img/s")
+        return visualization.training_frame(visualization.to_uint8(t.render_fixed()), self.cell, text)
+
+    def checkpoint(self, mid_epoch: bool) -> bool:
+        """Save a checkpoint unless the weights went non-finite (then roll back instead); True when saved."""
+        t = self.trainer
+        if not t.finite():
+            self.rollback("non-finite weights")
+            return False
+        state = t.state_dict()
+        name = checkpoint.checkpoint_name(t.epoch, t.nimg if mid_epoch else None)
+        self.last_ckpt = checkpoint.save(state, self.run_dir / "checkpoints", name, keep=self.cfg.keep)
+        self.good = copy.deepcopy(state)
+        self.failures = 0
+        return True
+
+    def rollback(self, why: str) -> None:
+        """Back to the last good state with halved learning rates; give up after MAX_FAILURES in a row."""
+        self.failures += 1
+        t = self.trainer
+        if self.failures >= self.MAX_FAILURES:
+            where = self.last_ckpt or checkpoint.latest(self.run_dir) or "none yet"
+            raise ProganError(f"training diverged {self.failures} times in a row ({why} at {t.nimg:,} images); "
+                              f"the last good checkpoint is kept ({where}); try lower --lr-g/--lr-d")
+        bad_at = t.nimg
+        t.load_state_dict(self.good)
+        for opt in (t.opt_g, t.opt_d):
+            for group in opt.param_groups:
+                group["lr"] *= 0.5 ** self.failures  # relative to the good state's rates
+        t.read_stats()  # drop the statistics of the diverged steps
+        warnings.warn(f"{why} at {bad_at:,} images: rolled back to {t.nimg:,} images and halved the learning rates "
+                      f"(failure {self.failures} of {self.MAX_FAILURES})")

@@ -18,11 +18,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from progan.errors import ProganError
+
+
+def _iio():
+    """imageio-ffmpeg, imported on use: without it (or its binary) training still runs and writes PNG frames."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +216,7 @@ class VideoWriter:
             output_params += ["-crf", str(X264_CRF)]
         if self.suffix == ".mp4":
             output_params += ["-movflags", "+faststart"]
-        self._gen = imageio_ffmpeg.write_frames(
+        self._gen = _iio().write_frames(
             str(self.path),
             (self.width, self.height),
             fps=self.fps,
@@ -263,7 +269,7 @@ def _decode(path: str | Path) -> Any:
     if not path.is_file():
         raise ProganError(f"no such video file: {path}")
     # passthrough: one output frame per decoded frame (no duplicates/drops from a rate conversion).
-    return imageio_ffmpeg.read_frames(str(path), output_params=["-fps_mode", "passthrough"])
+    return _iio().read_frames(str(path), output_params=["-fps_mode", "passthrough"])
 
 
 def _read(path: str | Path, keep: bool) -> tuple[dict, list[bytes], int]:
@@ -316,7 +322,7 @@ def concat_videos(segments: list[Path], out: Path, ffmpeg_exe: str | None = None
         if len(segments) == 1:
             shutil.copyfile(segments[0], tmp)
         else:
-            exe = ffmpeg_exe or imageio_ffmpeg.get_ffmpeg_exe()
+            exe = ffmpeg_exe or _iio().get_ffmpeg_exe()
             with tempfile.TemporaryDirectory() as list_dir:
                 list_file = Path(list_dir) / "segments.txt"
                 # ffconcat quoting: inside '...' everything is literal, a quote is written '\''.
@@ -392,7 +398,7 @@ class TrainingVideo:
     # -- encoder
 
     def _exe(self) -> str:
-        return self._ffmpeg_exe or imageio_ffmpeg.get_ffmpeg_exe()
+        return self._ffmpeg_exe or _iio().get_ffmpeg_exe()
 
     def _start(self, height: int, width: int) -> None:
         self.video_dir.mkdir(parents=True, exist_ok=True)
