@@ -279,8 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # One line, like every other user error; the command's --help has the details.
+        where = f"{e.ctx.command_path} --help" if e.ctx else "progan --help"
+        click.echo(f"progan: error: {e.format_message()} (see {where})", err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"progan: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -74,10 +74,13 @@ class TrainConfig:
     ema_rampup: float = 0.05            # half-life is at most this fraction of images shown (early EMA follows G)
 
     # the seed's training tricks
-    diversity: float = 0.5              # diversity-gradient strength; 0 turns it off
+    diversity: float = 1.0              # diversity-gradient strength; 0 turns it off
     noise_high: float = 0.95            # raise epsilon when D(real) - D(fake) rating gap is above this
     noise_low: float = 0.5              # lower it when the gap is below this
     noise_step: float = 0.001           # per step, as in the seed
+    noise_max: float = 0.5              # ceiling for epsilon (not in the seed)
+    r1_gamma: float = 1.0               # lazy R1 gradient penalty on reals; 0 = off (not in the seed)
+    r1_every: int = 16
 
     # run control
     epochs: int = 20
@@ -149,7 +152,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # no pixel norm or minibatch-stddev, Adam as in its gantrain.py.
     "seed2019": dict(
         size=160, base=20, g_channels=(128,) * 4, d_channels=(32,) * 4, batch=16,
-        pixel_norm=False, mbstd=False, eq_lr=False, lr_g=1e-4, lr_d=1e-3, beta1=0.5, beta2=0.999, diversity=1.0,
+        pixel_norm=False, mbstd=False, eq_lr=False, r1_gamma=0.0, noise_max=1e9,
+        lr_g=1e-4, lr_d=1e-3, beta1=0.5, beta2=0.999, diversity=1.0,
     ),
 }
 

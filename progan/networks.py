@@ -152,7 +152,7 @@ class Generator(nn.Module):
             x = self.blocks[k](x, self.inject.expand(inj, self.base * 2 ** k))
         out = self.to_rgb[level](x)
         if prev is not None:
-            out = torch.lerp(upsample2(prev), out, alpha)
+            out = torch.lerp(upsample2(prev).to(out.dtype), out, alpha)  # autocast runs upsampling in fp32
         return out
 
 

@@ -56,6 +56,8 @@ def setup_backend(device: torch.device, precision: str, threads: int | None = No
     """Process-wide speed settings, applied by the CLI and tools (never at import): CPU threads; on CUDA cuDNN
     autotuning and TF32 matmuls for tf32/bf16."""
     if device.type == "cpu":
+        if threads is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+            return  # torch already follows the user's OMP_NUM_THREADS; overriding it oversubscribes shared CPUs
         torch.set_num_threads(threads or os.cpu_count() or 1)
     else:
         torch.backends.cudnn.benchmark = True

@@ -317,7 +317,7 @@ def test_add_diversity_changes_gradient_by_exact_amount():
     for s in (0.5, 2.0):
         gs, fake_s = _grads_with_diversity(s)
         assert torch.equal(fake_s, fake)   # the forward pass is untouched
-        expected = -s / 4 * diversity_gradient(fake) * 3.0   # batch 4; d fake / d p = 3
+        expected = -s / 12 * diversity_gradient(fake) * 3.0   # 4 x 3 elements; d fake / d p = 3
         assert not torch.allclose(gs, g_none)
         assert torch.allclose(gs - g_none, expected, rtol=1e-10, atol=1e-12)
 
