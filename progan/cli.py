@@ -290,3 +290,21 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+
+
+@cli.command()
+@click.argument("run", metavar="RUN")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .mp4 (H.264, plays in browsers).")
+@click.option("--seconds", type=float, default=30, show_default=True, help="Length of the timelapse.")
+@click.option("--width", type=int, default=None, help="Downscale to this width (height follows).")
+@click.option("--fps", type=float, default=30, show_default=True, help="Frames per second.")
+def timelapse(run: str, out: str, seconds: float, width: int | None, fps: float) -> None:
+    """Make a short, small .mp4 of a run's training.mkv (RUN: a run folder or a video file), e.g. to share it."""
+    from progan.visualization import timelapse as make_timelapse
+
+    src = Path(run) / "training.mkv" if Path(run).is_dir() else Path(run)
+    if not src.is_file():
+        raise ProganError(f"no training video at {src}")
+    frames, length = make_timelapse(src, out, seconds=seconds, width=width, fps=fps)
+    size = Path(out).stat().st_size / 2 ** 20
+    click.echo(f"wrote {out} ({frames} frames, {length:.1f} s, {size:.1f} MiB)", err=True)

@@ -550,3 +550,29 @@ class TrainingVideo:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def timelapse(src: str | Path, out: str | Path, seconds: float = 30.0, width: int | None = None,
+              fps: float = 30.0) -> tuple[int, float]:
+    """Re-encode a (long) training video into a short, browser-playable H.264 .mp4 of about `seconds`, optionally
+    downscaled to `width`. Keeps evenly spaced frames, so the whole run is shown. Returns (frames, seconds)."""
+    src, out = Path(src), Path(out)
+    n, w, h = read_video(src)
+    if n == 0:
+        raise ProganError(f"{src} has no frames")
+    keep = max(1, math.ceil(n / max(1.0, seconds * fps)))  # every keep-th frame
+    scale = f",scale={width}:-2:flags=area" if width and width < w else ""
+    exe = _iio().get_ffmpeg_exe()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    cmd = [exe, "-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i", str(src), "-an",
+           "-vf", f"select='not(mod(n\\,{keep}))',setpts=N/({fps}*TB){scale}", "-r", _fps_arg(fps),
+           "-c:v", "libx264", "-preset", "medium", "-crf", "23", "-pix_fmt", "yuv420p",  # small files to share
+           "-movflags", "+faststart", str(tmp)]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise ProganError(f"ffmpeg could not make the timelapse: {_last_line(proc.stderr.decode('utf-8', 'replace'))}")
+    os.replace(tmp, out)
+    frames = math.ceil(n / keep)
+    return frames, frames / fps

@@ -269,3 +269,21 @@ def test_training_video_encoder_dies_mid_session(tmp_path: Path) -> None:
     assert out == run / "training.mkv" and read_video(out)[0] >= 5
     with pytest.raises(ValueError):
         video.add(moving_square(4))
+
+
+def test_timelapse_keeps_evenly_spaced_frames_and_downscales(tmp_path):
+    from progan.visualization import VideoWriter, read_frames, timelapse
+
+    src = tmp_path / "long.mkv"
+    with VideoWriter(src, 64, 32, fps=30) as w:
+        for i in range(40):
+            frame = np.zeros((32, 64, 3), np.uint8)
+            frame[:, : (i + 1) * 64 // 40] = 255   # a bar that grows: frame order is visible
+            w.write(frame)
+    out = tmp_path / "short.mp4"
+    frames, seconds = timelapse(src, out, seconds=1.0, width=32, fps=10)
+    got = read_frames(out)
+    assert frames == 10 and abs(seconds - 1.0) < 1e-9
+    assert got.shape == (10, 16, 32, 3)                 # every 4th frame, downscaled by 2
+    bar = (got.mean(axis=(1, 3)) > 127).sum(axis=1)     # bar width per frame grows
+    assert np.all(np.diff(bar) >= 0) and bar[-1] > bar[0]
