@@ -132,6 +132,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise ProganError(f"{path} is not a progan checkpoint (corrupt or truncated)") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = msg.split(". ", 1)[0].rstrip(".")  # the first sentence: torch appends paragraphs of advice
         raise ProganError(f"{path} is not a progan checkpoint (corrupt or truncated: {msg[:120]})") from None
     if not isinstance(state, dict) or "schema" not in state or "config" not in state:
         raise ProganError(f"{path} is not a progan checkpoint (no schema/config)")

@@ -163,7 +163,14 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     bank = ImageBank(data.images, dev)
     trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile)
     if state is not None:
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+            # it loaded safely but does not hold a whole training state matching its config
+            what = f"missing {e}" if isinstance(e, KeyError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ProganError(f"cannot resume from {state['resumed_from']}: it is not a complete training checkpoint "
+                              f"({what[:120]}); move it aside to resume from an earlier one, or start over with "
+                              f"--fresh") from None
         print(f"resuming {run_dir} from {Path(state['resumed_from']).name}: epoch {trainer.epoch}, "
               f"{trainer.nimg:,} images shown", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +298,9 @@ class Session:
             raise ProganError(f"training diverged {self.failures} times in a row ({why} at {t.nimg:,} images); "
                               f"the last good checkpoint is kept ({where}); try lower --lr-g/--lr-d")
         bad_at = t.nimg
-        t.load_state_dict(self.good)
+        # A copy: on the same device the optimiser adopts the state's tensors as its own and updates them in place,
+        # which would turn the kept good state into the diverged one before the next rollback.
+        t.load_state_dict(copy.deepcopy(self.good))
         for opt in (t.opt_g, t.opt_d):
             for group in opt.param_groups:
                 group["lr"] *= 0.5 ** self.failures  # relative to the good state's rates
