@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,10 @@ def load_inception(device: "str | torch.device" = "cpu") -> "torch.jit.ScriptMod
     path = fid_weights_path()
     dev = _device(device)
     try:
-        net = torch.jit.load(str(path), map_location=dev)
+        with warnings.catch_warnings():
+            # torch >= 2.9 deprecates TorchScript loading; it is the format these weights come in.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net = torch.jit.load(str(path), map_location=dev)
     except (RuntimeError, ValueError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ProganError(f"{path} is not a TorchScript Inception model ({msg[:120]})") from None
@@ -133,7 +137,7 @@ def load_inception(device: "str | torch.device" = "cpu") -> "torch.jit.ScriptMod
 
 def inception_features(images: np.ndarray | Iterable[np.ndarray], device: "str | torch.device" = "cpu",
                        batch: int = 64, progress: bool = False,
-                       model: "torch.jit.ScriptModule | None" = None) -> np.ndarray:
+                       model: "torch.jit.ScriptModule | None" = None, desc: str = "inception") -> np.ndarray:
     """float64 N x 2048 Inception pool3 features of uint8 N x H x W x 3 images (an array or an iterator of batches).
 
     Images are resized to 299x299 bilinearly (align_corners=False, as pytorch-fid) and scaled as x / 128 - 1.
@@ -147,9 +151,10 @@ def inception_features(images: np.ndarray | Iterable[np.ndarray], device: "str |
     total = int(images.shape[0]) if isinstance(images, np.ndarray) else None
     out: list[np.ndarray] = []
     with torch.inference_mode(), _exact_cuda(dev), \
-            tqdm(total=total, desc="inception", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for chunk in _chunks(images, batch):
-            x = torch.from_numpy(np.ascontiguousarray(chunk)).to(dev).permute(0, 3, 1, 2).to(torch.float32)
+            # np.array: a writable copy (cached image sets are read-only memmaps)
+            x = torch.from_numpy(np.array(chunk)).to(dev).permute(0, 3, 1, 2).to(torch.float32)
             if x.shape[2:] != (FID_SIZE, FID_SIZE):
                 x = F.interpolate(x, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False)
             f = net(x / 128.0 - 1.0)
@@ -257,7 +262,7 @@ def _read_stats(path: Path, n: int) -> RealStats | None:
 
 def real_statistics(images: np.ndarray, device: "str | torch.device" = "cpu", batch: int = 64,
                     cache_dir: str | Path | None = None, progress: bool = False,
-                    model: "torch.jit.ScriptModule | None" = None) -> RealStats:
+                    model: "torch.jit.ScriptModule | None" = None, desc: str = "inception (real)") -> RealStats:
     """Inception features, mean and covariance of a real image set, cached on disk as .npz per
     (pixel content, resolution, n) in the progan cache dir ($PROGAN_CACHE, $XDG_CACHE_HOME/progan or
     ~/.cache/progan). The features are kept too, so memorisation checks reuse them."""
@@ -271,7 +276,7 @@ def real_statistics(images: np.ndarray, device: "str | torch.device" = "cpu", ba
     hit = _read_stats(path, n)
     if hit is not None:
         return hit
-    feats = inception_features(images, device, batch, progress, model)
+    feats = inception_features(images, device, batch, progress, model, desc)
     mu, sigma = feature_stats(feats)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -341,7 +346,7 @@ def _descriptors(images: np.ndarray, level: int, levels: int, rng: np.random.Gen
     parts = []
     start = 0
     for chunk in _chunks(images, batch):
-        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device).permute(0, 3, 1, 2).to(torch.float32)
+        x = torch.from_numpy(np.array(chunk)).to(device).permute(0, 3, 1, 2).to(torch.float32)
         lvl = _laplacian_pyramid(x, levels)[level]
         k = lvl.shape[0] * SWD_NHOODS_PER_IMAGE
         img = torch.arange(lvl.shape[0], device=device).repeat_interleave(SWD_NHOODS_PER_IMAGE)
@@ -438,7 +443,7 @@ def pixel_features(images: np.ndarray, size: int = 16, batch: int = 1024) -> np.
 
     out = []
     for chunk in _chunks(images, batch):
-        x = torch.from_numpy(np.ascontiguousarray(chunk)).permute(0, 3, 1, 2).to(torch.float64) / 255.0
+        x = torch.from_numpy(np.array(chunk)).permute(0, 3, 1, 2).to(torch.float64) / 255.0
         if x.shape[2] > size or x.shape[3] > size:
             x = F.adaptive_avg_pool2d(x, (min(size, x.shape[2]), min(size, x.shape[3])))
         out.append(x.reshape(x.shape[0], -1).numpy())
@@ -557,7 +562,7 @@ def save_pairs_grid(gen: np.ndarray, train_nn: np.ndarray, path: str | Path, k: 
     from PIL import Image
 
     from progan import visualization
-    from progan.facedata import _atomic_write
+    from progan.checkpoint import atomic_write   # plain umask permissions (mkstemp's would be 0600)
 
     _check_images(gen, "gen")
     _check_images(train_nn, "train_nn")
@@ -573,7 +578,7 @@ def save_pairs_grid(gen: np.ndarray, train_nn: np.ndarray, path: str | Path, k: 
     grid = visualization.image_grid(pairs, cols=min(cols, len(pairs)), pad=max(2, g.shape[1] // 8))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
     return path
 
 
@@ -607,12 +612,12 @@ def _out_dir(run: str | Path, out_dir: str | Path | None) -> Path:
 
 
 def _features(images: np.ndarray, dev: "torch.device", batch: int, cache_dir: str | Path | None, progress: bool,
-              net: "torch.jit.ScriptModule") -> tuple[np.ndarray, RealStats | None]:
+              net: "torch.jit.ScriptModule", desc: str) -> tuple[np.ndarray, RealStats | None]:
     """Inception features of a real set, through the on-disk statistics cache (which needs at least 2 images)."""
     if len(images) >= 2:
-        stats = real_statistics(images, dev, batch, cache_dir, progress, net)
+        stats = real_statistics(images, dev, batch, cache_dir, progress, net, desc)
         return stats.features, stats
-    return inception_features(images, dev, batch, progress, net), None
+    return inception_features(images, dev, batch, progress, net, desc), None
 
 
 def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str] = METRICS, seed: int = 0,
@@ -626,6 +631,7 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
     the "held-out" images are the next min(n, rest) images of that permutation: NOT a true held-out set (the
     generator was most likely trained on the whole folder; there are no train splits yet), so the threshold is
     really "the closest two distinct real images come", a conservative baseline for flagging copies.
+    A flagged "generated" index i is face i of `progan generate RUN --seed SEED`; "train_file" names the real image.
     """
     import json
     import sys
@@ -634,7 +640,7 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
     import torch
     from tqdm import tqdm
 
-    from progan.facedata import _atomic_write
+    from progan.checkpoint import atomic_write
     from progan.generate import load_generator
     from progan.run import load_dataset
 
@@ -680,8 +686,8 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
     if needs_inception:
         t = time.perf_counter()
         net = load_inception(dev)
-        gen_feats = inception_features(fakes, dev, batch, progress, net)
-        real_feats, stats = _features(reals, dev, batch, cache_dir, progress, net)
+        gen_feats = inception_features(fakes, dev, batch, progress, net, "inception (generated)")
+        real_feats, stats = _features(reals, dev, batch, cache_dir, progress, net, "inception (real)")
         if stats is not None:
             extra["fid_stats"] = None if stats.path is None else str(stats.path)
             say(f"real Inception statistics: {'cached' if stats.cached else 'computed'}"
@@ -702,10 +708,13 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
     if "memorisation" in wanted:
         t = time.perf_counter()
         held = np.asarray(data.images[held_idx])
-        held_feats = (_features(held, dev, batch, cache_dir, progress, net)[0] if len(held)
+        held_feats = (_features(held, dev, batch, cache_dir, progress, net, "inception (held-out)")[0] if len(held)
                       else np.zeros((0, FID_DIM)))
         report = memorisation_report(fakes, reals, held, feats=(gen_feats, real_feats, held_feats))
         results["memorisation"] = report.to_dict()
+        for space in (report.feature_name, "pixels16"):   # name the training files, not just subset indices
+            for item in results["memorisation"][space]["flagged"]:
+                item["train_file"] = data.names[int(ref_idx[item["train"]])]
         order = report.closest(PAIRS_SHOWN)
         png = save_pairs_grid(fakes[order], reals[report.features.gen_idx[order]], out / "memorisation.png",
                               k=PAIRS_SHOWN)
@@ -728,7 +737,7 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
     }
     path = out / "eval.json"
     text = json.dumps(result, indent=2) + "\n"
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
     return result, path
 
 
