@@ -23,16 +23,6 @@ EPOCH = 3    # 32 training images per epoch
 LATEST = "epoch-0003-img-000000120.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Nets this small run fastest on one thread, and OpenMP spinning on a loaded 2-core machine is very slow.
-    # Subprocesses get the same setting (cli() below), so in-process and CLI images come from the same kernels.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_config() -> TrainConfig:
     return TrainConfig(size=16, batch=8, g_channels=(16, 16, 8), d_channels=(16, 16, 8), inject_channels=4,
                        fade_images=32, stable_images=32)

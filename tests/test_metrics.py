@@ -27,16 +27,6 @@ from progan.config import TrainConfig
 from progan.errors import ProganError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a busy 2-core machine OpenMP spinning makes 2 threads ~8x slower than 1 for Inception (0.1 s per image
-    # on one thread); subprocesses get OMP_NUM_THREADS=1 (cli() below).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _have_inception() -> bool:
     try:
         metrics.fid_weights_path()

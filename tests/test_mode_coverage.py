@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from progan.digits_classifier import (
     channel_labels,
@@ -28,14 +27,6 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "mode_coverage.py"
 # A tiny generator/discriminator so a whole training run is a few seconds on one thread.
 TINY = ["--set", "g_channels=16,16,8", "--set", "d_channels=16,16,8", "--set", "inject_channels=4",
         "--set", "batch=16", "--set", "fade_images=400", "--set", "stable_images=400"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
