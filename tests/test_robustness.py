@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from blobs import write_blob_images
 from progan import checkpoint
 from progan.config import TrainConfig
 from progan.errors import ProganError
@@ -41,18 +42,16 @@ MID_EPOCH = re.compile(r"^epoch-(\d{4})-img-(\d{9})\.pt$")
 
 
 def _write_images(folder: Path, n: int, px: int = IMG_PX, seed: int = 0) -> Path:
-    """n smooth PNGs: a few soft colour blobs on black."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:px, 0:px].astype(np.float64)
-    for i in range(n):
-        img = np.zeros((px, px, 3))
-        for _ in range(3):
-            cy, cx = rng.uniform(0, px, 2)
-            r = rng.uniform(px / 5, px / 2)
-            img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(0, 255, 3)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"face{i:03d}.png")
-    return folder
+    return write_blob_images(folder, n, px, seed, ext="png")
+
+
+def _command_argv(command: str, run_dir: Path, tmp_path: Path, env, inspect_target: Path | None = None) -> list[str]:
+    """Arguments of the command that reads RUN's checkpoint: inspect, generate or train (resume)."""
+    if command == "inspect":
+        return ["inspect", str(inspect_target or run_dir)]
+    if command == "generate":
+        return ["generate", str(run_dir), "--out", str(tmp_path / "faces.png"), "--n", "4", "--no-progress"]
+    return env.train_args(run_dir, "--epochs", "1")
 
 
 class Env:
@@ -311,12 +310,7 @@ def test_broken_checkpoint_is_one_line(env, trained, tmp_path, capsys, one_threa
     ckpt = checkpoint.latest(run_dir)
     _break_checkpoint(ckpt, how)
     before = _tree(run_dir)
-    if command == "inspect":
-        argv = ["inspect", str(run_dir)]
-    elif command == "generate":
-        argv = ["generate", str(run_dir), "--out", str(tmp_path / "faces.png"), "--n", "4", "--no-progress"]
-    else:
-        argv = env.train_args(run_dir, "--epochs", "1")
+    argv = _command_argv(command, run_dir, tmp_path, env)
     rc, err = _main(capsys, *argv)
     assert rc == 1, err
     msg = _error_line(err)
@@ -364,12 +358,7 @@ def test_code_in_checkpoint_is_not_run(env, tmp_path, capsys, one_thread, comman
     evil.parent.mkdir(parents=True)
     torch.save({"schema": 1, "config": {}, "G": _Evil(marker)}, evil)
     assert not marker.exists()
-    if command == "inspect":
-        argv = ["inspect", str(evil)]
-    elif command == "generate":
-        argv = ["generate", str(run_dir), "--out", str(tmp_path / "faces.png"), "--n", "4", "--no-progress"]
-    else:
-        argv = env.train_args(run_dir, "--epochs", "1")
+    argv = _command_argv(command, run_dir, tmp_path, env, inspect_target=evil)
     rc, err = _main(capsys, *argv)
     assert rc == 1, err
     msg = _error_line(err)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from blobs import write_blob_images
 from progan import checkpoint
 from progan.config import TrainConfig
 from progan.facedata import ImageBank
@@ -143,18 +143,7 @@ TIMEOUT = 240
 
 
 def _write_images(folder: Path, n: int, size: int = SIZE, seed: int = 0) -> None:
-    """n smooth JPEGs: a few soft colour blobs on black."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    for i in range(n):
-        img = np.zeros((size, size, 3))
-        for _ in range(3):
-            cy, cx = rng.uniform(0, size, 2)
-            r = rng.uniform(size / 5, size / 2)
-            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-            img += blob[..., None] * rng.uniform(0, 255, 3)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"face{i:03d}.jpg", quality=92)
+    write_blob_images(folder, n, size, seed, ext="jpg")
 
 
 class Cli:
