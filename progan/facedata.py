@@ -408,6 +408,35 @@ def stacked_digits(n: int = 10000, size: int = 32, seed: int = 0) -> FaceData:
     )
 
 
+# --------------------------------------------------------------------------- held-out split
+
+
+def holdout_mask(names: list[str], fraction: float) -> np.ndarray:
+    """True for the images kept out of training: a pure function of each file's name (a hash), so the split is
+    the same in every run and a file keeps its side when others are added to or removed from the folder."""
+    if not 0.0 <= fraction < 1.0:
+        raise ProganError(f"held-out fraction must be in [0, 1), got {fraction}")
+    keys = [int.from_bytes(hashlib.sha1(n.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64 for n in names]
+    return np.asarray(keys, dtype=np.float64) < fraction
+
+
+def split_holdout(data: FaceData, fraction: float) -> tuple[FaceData, FaceData]:
+    """(training part, held-out part) of `data`, by holdout_mask on the names."""
+    mask = holdout_mask(data.names, fraction)
+
+    def part(keep: np.ndarray) -> FaceData:
+        idx = np.flatnonzero(keep)
+        return FaceData(
+            images=data.images[idx] if len(idx) < len(data) else data.images,
+            names=[data.names[i] for i in idx],
+            labels={k: v[idx] for k, v in data.labels.items()},
+            skipped=list(data.skipped),
+            root=data.root,
+        )
+
+    return part(~mask), part(mask)
+
+
 # --------------------------------------------------------------------------- training-time helpers
 
 

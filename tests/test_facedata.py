@@ -488,3 +488,24 @@ def test_image_bank_from_memmap(tmp_path: Path):
     assert torch.equal(bank.data, torch.from_numpy(imgs).permute(0, 3, 1, 2))
     with pytest.raises(ValueError):
         ImageBank(imgs[..., :2])
+
+
+def test_holdout_split_is_stable_and_disjoint():
+    from progan.facedata import holdout_mask, split_holdout, stacked_digits
+
+    names = [f"img{i:05d}.jpg" for i in range(4000)]
+    mask = holdout_mask(names, 0.05)
+    assert 0.03 < mask.mean() < 0.07
+    # a file keeps its side when other files are added or removed
+    assert np.array_equal(holdout_mask(names[::2], 0.05), mask[::2])
+    assert np.array_equal(holdout_mask(list(reversed(names)), 0.05), mask[::-1])
+    assert not holdout_mask(names, 0.0).any()
+    data = stacked_digits(n=500, size=8)
+    train, held = split_holdout(data, 0.1)
+    assert len(train) + len(held) == 500 and 20 < len(held) < 80
+    assert not set(train.names) & set(held.names)
+    i = data.names.index(held.names[0])
+    assert np.array_equal(held.images[0], data.images[i])
+    assert held.labels["digits"][0] == data.labels["digits"][i]
+    with pytest.raises(ProganError):
+        holdout_mask(names, 1.0)
