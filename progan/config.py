@@ -11,7 +11,7 @@ from typing import Any
 from progan.errors import ProganError
 
 # Options that may change when a run is resumed: they steer the loop, not the networks or the data order.
-RESUMABLE_CHANGES = frozenset({"epochs", "video_every", "log_every", "keep"})
+RESUMABLE_CHANGES = frozenset({"epochs", "video_every", "log_every", "keep", "eval_every", "eval_n"})
 
 
 def split_size(size: int, base: int | None = None) -> tuple[int, int]:
@@ -89,6 +89,11 @@ class TrainConfig:
     log_every: int = 25                 # steps between log.jsonl lines (the only host syncs in the loop)
     keep: int = 0                       # checkpoints kept; 0 = all
 
+    # held-out data and evaluation during training
+    holdout: float = 0.03               # fraction of images never trained on (split by file-name hash)
+    eval_every: float = 0.0             # epochs between FID/SWD evaluations against the held-out images; 0 = off
+    eval_n: int = 5000                  # generated images per evaluation (real: min(eval_n, held-out images))
+
     def __post_init__(self) -> None:
         base, levels = split_size(self.size, self.base or None)
         object.__setattr__(self, "base", base)
@@ -107,6 +112,12 @@ class TrainConfig:
             raise ProganError("--diversity must be >= 0")
         if self.epochs < 1 or self.video_every < 1 or self.log_every < 1:
             raise ProganError("--epochs, --video-every and --log-every must be positive")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ProganError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.eval_every < 0:
+            raise ProganError(f"--eval-every must be >= 0 (0 = off), got {self.eval_every}")
+        if self.eval_n < 2:
+            raise ProganError(f"--eval-n must be at least 2, got {self.eval_n}")
 
     @property
     def levels(self) -> int:
@@ -124,6 +135,9 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ProganError(f"unknown config keys {sorted(unknown)} (saved by a newer progan?)")
+        if "holdout" not in d:
+            # saved before held-out splits existed: that run trained on every image
+            d = {**d, "holdout": 0.0}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def save(self, path: str | Path) -> None:

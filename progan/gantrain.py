@@ -158,6 +158,7 @@ class Trainer:
         self.fixed_z = latent.random(N_FIXED, cfg.latent_dim, generator=fixed_rng).to(self.device)
         self.nimg = 0
         self.steps = 0
+        self.train_seconds = 0.0  # training wall-clock over all sessions (evaluation excluded); set by run.Session
         self._order: tuple[int, torch.Tensor] | None = None
         self._acc = torch.zeros(5, device=self.device)
         self._acc_n = 0
@@ -271,6 +272,7 @@ class Trainer:
             "eps": self.noise.eps.detach().cpu(),
             "rng": self.rng.get_state(),
             "fixed_z": self.fixed_z.cpu(),
+            "train_seconds": float(self.train_seconds),
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -283,4 +285,5 @@ class Trainer:
         self.rng.set_state(s["rng"])
         self.fixed_z = s["fixed_z"].to(self.device)
         self.nimg, self.steps = int(s["nimg"]), int(s["steps"])
+        self.train_seconds = float(s.get("train_seconds", 0.0))  # absent in checkpoints of older versions
         self._order = None

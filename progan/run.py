@@ -3,7 +3,11 @@ and a clean stop on Ctrl-C / SIGTERM.
 
 Run folder layout:
     config.json            the run's TrainConfig
-    log.jsonl              scalars every `log_every` steps
+    log.jsonl              scalars every `log_every` steps; {"kind": "eval", ...} lines with --eval-every
+    heldout.txt            names of the images kept out of training (--holdout), one per line
+    data.json              the training source and its split (what `progan evaluate` needs to find the held-out set)
+    cellcolours.jsonl      per-cell mean colours of the EMA and raw generator at every video frame (colour flicker)
+    metrics.png            FID and SWD curves (with --eval-every)
     training.mkv           the fixed-latent video of the whole run (segments in video/ joined after each session)
     checkpoints/epoch-NNNN.pt, checkpoints/latest
 """
@@ -104,6 +108,29 @@ def resolve_config(run_dir: Path, requested: dict[str, Any], explicit: set[str],
     return cfg, state
 
 
+def write_split(run_dir: Path, source: str, total: int, train_names: list[str], held_names: list[str],
+                fraction: float) -> None:
+    """heldout.txt (the held-out names) and data.json (source and counts), so evaluation can rebuild the split."""
+    from progan.checkpoint import atomic_write
+
+    src = source if source == "digits" and not Path(source).exists() else str(Path(source).resolve())
+    text = "".join(f"{n}\n" for n in held_names)
+    atomic_write(run_dir / "heldout.txt", lambda f: f.write(text.encode()))
+    info = {"source": src, "holdout": fraction, "images": total, "train": len(train_names),
+            "heldout": len(held_names)}
+    atomic_write(run_dir / "data.json", lambda f: f.write((json.dumps(info, indent=2) + "\n").encode()))
+
+
+def read_split(run_dir: Path) -> tuple[dict, list[str]] | None:
+    """(data.json, held-out names) of a run folder, or None for runs made before held-out splits."""
+    try:
+        info = json.loads((run_dir / "data.json").read_text())
+        names = (run_dir / "heldout.txt").read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    return info, [n for n in names if n]
+
+
 def archive_run(run_dir: Path) -> Path | None:
     """--fresh never deletes work: an existing run folder is renamed aside."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
@@ -145,7 +172,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     `explicit` names the options the user actually gave (they may override a resumed run's safe options).
     `max_steps` stops early after that many steps in this session (for tests and benchmarks), with a checkpoint.
     """
-    from progan.facedata import ImageBank
+    from progan.facedata import ImageBank, split_holdout
     from progan.gantrain import Trainer
 
     run_dir = Path(run_dir)
@@ -158,8 +185,16 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     setup_backend(dev, precision)
     data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale, progress=progress)
+    # The held-out images are never trained on: they are the real reference for evaluation (FID, memorisation).
+    data, held = split_holdout(data, cfg.holdout)
+    print(f"held out {len(held):,} of {len(data) + len(held):,} images (--holdout {cfg.holdout:g}) for evaluation; "
+          f"training on {len(data):,}", file=sys.stderr)
     if len(data) < cfg.batch:
-        raise ProganError(f"only {len(data)} usable images in {source}, fewer than one batch (--batch {cfg.batch})")
+        raise ProganError(f"only {len(data)} usable training images in {source}, fewer than one batch "
+                          f"(--batch {cfg.batch})")
+    if cfg.eval_every > 0 and len(held) < 2:
+        raise ProganError(f"--eval-every needs held-out images, but --holdout {cfg.holdout:g} keeps {len(held)} of "
+                          f"{len(data) + len(held)}; raise --holdout")
     bank = ImageBank(data.images, dev)
     trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile)
     if state is not None:
@@ -175,6 +210,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
               f"{trainer.nimg:,} images shown", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
+    write_split(run_dir, source, len(data) + len(held), data.names, held.names, cfg.holdout)
 
     ipe = trainer.images_per_epoch
     total = cfg.epochs * ipe
@@ -182,7 +218,13 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
         print(f"{run_dir} already has {trainer.epoch} epochs; pass a larger --epochs to train on", file=sys.stderr)
         return RunResult(run_dir, trainer.epoch, trainer.nimg, None, checkpoint.latest(run_dir))
 
-    session = Session(trainer, run_dir, progress)
+    evaluator = None
+    if cfg.eval_every > 0:
+        from progan.monitor import TrainingEval
+
+        evaluator = TrainingEval(run_dir, cfg, held.images, dev, cache_dir=cache_dir, progress=progress)
+    del data, held
+    session = Session(trainer, run_dir, progress, evaluator)
     with stop_signals() as stop:
         session.run(total, stop, max_steps)
     return RunResult(run_dir, trainer.epoch, trainer.nimg, stop[0] if stop else None,
@@ -194,8 +236,9 @@ class Session:
 
     MAX_FAILURES = 3  # divergences in a row before giving up
 
-    def __init__(self, trainer, run_dir: Path, progress: bool):
+    def __init__(self, trainer, run_dir: Path, progress: bool, evaluator=None):
         self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
+        self.evaluator = evaluator  # monitor.TrainingEval with --eval-every, else None
         self.cfg = trainer.cfg
         self.ipe = trainer.images_per_epoch
         self.cell = video_cell(self.cfg.size)
@@ -211,8 +254,15 @@ class Session:
 
         from progan import visualization
 
+        from progan.monitor import CellColours
+
         t, cfg = self.trainer, self.cfg
         self.t_last, self.n_last = time.perf_counter(), t.nimg
+        # Training wall-clock: carried over from the checkpoint, evaluation time left out.
+        self.t0, self.wall0, self.paused = time.perf_counter(), t.train_seconds, 0.0
+        eval_every = round(cfg.eval_every * self.ipe) if self.evaluator is not None else 0
+        eval_every = max(eval_every, cfg.batch) if eval_every else 0
+        colours = CellColours(self.run_dir)
         bar = tqdm(total=total, initial=t.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
                    disable=not self.progress, desc=self.run_dir.name, smoothing=0.05)
         video = visualization.TrainingVideo(self.run_dir)
@@ -227,7 +277,9 @@ class Session:
                         bar.n = t.nimg
                         continue  # rolled back: no frame or checkpoint from a diverged state
                     if t.steps % cfg.video_every == 0:
-                        video.add(self.frame())
+                        video.add(self.frame(colours))
+                    if eval_every and t.nimg // eval_every != (t.nimg - cfg.batch) // eval_every:
+                        self.evaluate(log)
                     if t.nimg % self.ipe == 0:
                         if not self.checkpoint(mid_epoch=False):
                             bar.n = t.nimg
@@ -242,6 +294,31 @@ class Session:
                     print(f"saved {self.last_ckpt}", file=sys.stderr)
         finally:
             video.close()
+            colours.close()
+
+    def wall(self) -> float:
+        """Training seconds so far, over all sessions, without evaluation time."""
+        return self.wall0 + time.perf_counter() - self.t0 - self.paused
+
+    def evaluate(self, log) -> None:
+        """FID/SWD of the EMA generator against the held-out images; a log line and metrics.png. Not timed as
+        training: the clock pauses (after the device has finished the queued training work)."""
+        t = self.trainer
+        if t.device.type == "cuda":
+            torch.cuda.synchronize(t.device)
+        start = time.perf_counter()
+        wall = self.wall()
+        level, alpha = t.phase()
+        rec = {"kind": "eval", "step": t.steps, "nimg": t.nimg, "epoch": t.nimg / self.ipe,
+               "wall_s": round(wall, 2), "level": level, "res": self.cfg.resolution(level), "alpha": round(alpha, 4),
+               **self.evaluator.measure(t.G_ema, level, alpha), "time": round(time.time(), 2)}
+        rec["eval_s"] = round(time.perf_counter() - start, 2)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        self.evaluator.plot()
+        self.paused += time.perf_counter() - start
+        # the progress bar's speed must not count the evaluation either
+        self.t_last += time.perf_counter() - start
 
     def log(self, log, bar) -> bool:
         """Read the step statistics (the loop's one host sync) and write a log line; False if it rolled back."""
@@ -265,16 +342,20 @@ class Session:
                             f"D {stats.real_rating:.2f}/{stats.fake_rating:.2f}", refresh=False)
         return True
 
-    def frame(self):
-        """The training-video frame: the fixed latents through the EMA generator, with a status line."""
+    def frame(self, colours=None):
+        """The training-video frame: the fixed latents through the EMA generator, with a status line. With
+        `colours` (monitor.CellColours), also record each cell's mean colour under the EMA and the raw generator."""
         from progan import visualization
 
         t, s = self.trainer, self.last_stats
         level, alpha = t.phase()
+        images = visualization.to_uint8(t.render_fixed())
+        if colours is not None:
+            colours.add(t.steps, t.nimg, t.nimg / self.ipe, images, visualization.to_uint8(t.render_fixed(ema=False)))
         text = (f"ep {t.nimg / self.ipe:6.2f}  {self.cfg.resolution(level)}px  a={alpha:.2f}  "
                 + (f"eps={s.eps:.3f}  D(real) {s.real_rating:.0%} vs D(fake) {s.fake_rating:.0%}  " if s else "")
                 + f"{t.nimg:,} img  {self.ips:.0f} img/s")
-        return visualization.training_frame(visualization.to_uint8(t.render_fixed()), self.cell, text)
+        return visualization.training_frame(images, self.cell, text)
 
     def checkpoint(self, mid_epoch: bool) -> bool:
         """Save a checkpoint unless the weights went non-finite (then roll back instead); True when saved."""
@@ -282,6 +363,7 @@ class Session:
         if not t.finite():
             self.rollback("non-finite weights")
             return False
+        t.train_seconds = self.wall()
         state = t.state_dict()
         name = checkpoint.checkpoint_name(t.epoch, t.nimg if mid_epoch else None)
         self.last_ckpt = checkpoint.save(state, self.run_dir / "checkpoints", name, keep=self.cfg.keep)

@@ -19,3 +19,12 @@ def write_blob_images(folder: Path, n: int, size: int, seed: int = 0, ext: str =
             img += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(0, 255, 3)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"face{i:03d}.{ext}", quality=92)
     return folder
+
+
+def n_training(n: int, ext: str, fraction: float | None = None) -> int:
+    """How many of write_blob_images' n files `progan train` trains on: the rest are held out (by name hash)."""
+    from progan.config import TrainConfig
+    from progan.facedata import holdout_mask
+
+    fraction = TrainConfig().holdout if fraction is None else fraction
+    return int((~holdout_mask([f"face{i:03d}.{ext}" for i in range(n)], fraction)).sum())

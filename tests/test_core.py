@@ -455,6 +455,23 @@ def test_config_differences():
     assert sorted(a.differences(b)) == ["epochs", "seed"]
 
 
+def test_config_holdout_and_eval_fields(tmp_path):
+    """holdout / eval_every / eval_n round-trip and are checked; a config saved before held-out splits existed
+    means 'trained on every image'; eval settings may change on resume, the held-out fraction may not."""
+    from progan.config import RESUMABLE_CHANGES
+
+    cfg = tiny_cfg(holdout=0.1, eval_every=0.5, eval_n=64)
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == cfg
+    assert TrainConfig().holdout == 0.03 and TrainConfig().eval_every == 0
+    old = {k: v for k, v in tiny_cfg().to_dict().items() if k not in ("holdout", "eval_every", "eval_n")}
+    assert TrainConfig.from_dict(old).holdout == 0.0
+    for bad in (dict(holdout=1.0), dict(holdout=-0.1), dict(eval_every=-1), dict(eval_n=1)):
+        with pytest.raises(ProganError):
+            tiny_cfg(**bad)
+    assert {"eval_every", "eval_n"} <= RESUMABLE_CHANGES and "holdout" not in RESUMABLE_CHANGES
+
+
 @pytest.mark.parametrize("size,expected", [(32, (4, 4)), (64, (4, 5)), (128, (4, 6)), (160, (5, 6)),
                                            (256, (4, 7)), (16, (4, 3)), (8, (4, 2)), (4, (4, 1))])
 def test_split_size(size, expected):

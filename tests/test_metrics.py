@@ -384,3 +384,55 @@ def test_evaluate_with_stand_in_inception(run_dir, tmp_path, monkeypatch):
         assert expected <= set(found)
         for i in expected:
             assert found[i]["train_file"] == f"copy{i}.png" and found[i]["distance"] == 0.0
+
+
+# ----------------------------------------------------------------------------- colour flicker
+
+
+def test_colour_flicker_values():
+    rng = np.random.default_rng(0)
+    still = np.repeat(rng.uniform(0, 255, (1, 32, 3)), 10, axis=0)
+    assert metrics.colour_flicker(still) == 0.0
+    # every cell alternates between colours a and b: each step changes channel c by |a_c - b_c|
+    a, b = np.array([200.0, 40.0, 90.0]), np.array([180.0, 70.0, 90.0])
+    seq = np.stack([np.tile(a if t % 2 == 0 else b, (32, 1)) for t in range(9)])
+    assert metrics.colour_flicker(seq) == pytest.approx((20 + 30 + 0) / 3)
+    # a slow drift flickers less than the same range crossed back and forth
+    drift = np.stack([np.tile(a + (b - a) * t / 8, (32, 1)) for t in range(9)])
+    assert metrics.colour_flicker(drift) == pytest.approx(metrics.colour_flicker(seq) / 8)
+    with pytest.raises(ValueError):
+        metrics.colour_flicker(still[:1])
+
+
+def test_frame_cell_means_reads_training_frame_layout():
+    """Cell colours read back from a training-video frame are the mean colours of the images it shows."""
+    from progan import visualization
+    from progan.monitor import cell_means
+
+    images = blobs(32, 8, 9)
+    frame = visualization.training_frame(images, 64, "status")
+    np.testing.assert_allclose(metrics.frame_cell_means(frame, 64, 32), cell_means(images), atol=1e-9)
+
+
+def test_run_flicker_last_epoch_and_frames(tmp_path):
+    """run_flicker picks the last epoch's records (epoch in (last - 1, last]) or the last K; the latest record of a
+    step wins (a resumed run re-records steps after its checkpoint)."""
+    import json as _json
+
+    ema = [[[float(10 * (t % 2))] * 3] * 32 for t in range(10)]       # alternating 0 / 10 every frame
+    raw = [[[float(20 * (t % 2))] * 3] * 32 for t in range(10)]
+    lines = [{"step": t, "nimg": 8 * t, "epoch": t / 4, "ema": ema[t], "raw": raw[t]} for t in range(10)]
+    lines.append({**lines[9], "ema": ema[8]})     # step 9 recorded again after a resume, now with step 8's colour
+    (tmp_path / "cellcolours.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in lines))
+    f = metrics.run_flicker(tmp_path)
+    # last epoch 9/4 = 2.25: epochs in (1.25, 2.25] are steps 6..9; ema 0, 10, 0, 0 -> changes 10, 10, 0
+    assert (f["frames"], f["from_epoch"], f["to_epoch"]) == (4, 1.5, 2.25)
+    assert f["ema"] == pytest.approx(20 / 3) and f["raw"] == pytest.approx(20.0)
+    assert metrics.run_flicker(tmp_path, frames=2)["raw"] == pytest.approx(20.0)
+    with pytest.raises(ProganError, match="at least 2"):
+        metrics.run_flicker(tmp_path, frames=1)
+    with pytest.raises(ProganError, match="needs a run folder"):
+        metrics.run_flicker(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProganError, match="neither"):
+        metrics.run_flicker(tmp_path / "empty")

@@ -31,9 +31,11 @@ from progan.errors import ProganError
 N_IMAGES, IMG_PX, SIZE, BATCH = 64, 16, 8, 4
 STEPS_PER_EPOCH = N_IMAGES // BATCH           # 16
 LOG_EVERY = VIDEO_EVERY = 2
-# level 0 stable for 16 images (4 steps), then a 64-image fade-in to 8 px (steps 5..20): interrupts land in the fade
+# level 0 stable for 16 images (4 steps), then a 64-image fade-in to 8 px (steps 5..20): interrupts land in the fade.
+# --holdout 0: these tests count steps per epoch over the whole folder (the split is tested in test_train_cli.py).
 OPTS = ["--size", str(SIZE), "--batch", str(BATCH), "--latent-dim", "16", "--fade-images", "64",
-        "--stable-images", "16", "--log-every", str(LOG_EVERY), "--video-every", str(VIDEO_EVERY), "--no-progress"]
+        "--stable-images", "16", "--log-every", str(LOG_EVERY), "--video-every", str(VIDEO_EVERY), "--holdout", "0",
+        "--no-progress"]
 TIMEOUT = 180
 MID_EPOCH = re.compile(r"^epoch-(\d{4})-img-(\d{9})\.pt$")
 
@@ -669,7 +671,7 @@ def _nan_train(env: Env, run_dir: Path, monkeypatch, inject_at) -> tuple:
 
     monkeypatch.setattr(Trainer, "step", step)
     requested = dict(size=SIZE, batch=8, latent_dim=16, fade_images=32, stable_images=16, log_every=1,
-                     video_every=1000, epochs=2, lr_g=LR, lr_d=LR)
+                     video_every=1000, epochs=2, lr_g=LR, lr_d=LR, holdout=0.0)
     result = run.train(str(env.images), run_dir, requested, set(requested), cache_dir=str(env.cache),
                        progress=False, device="cpu")
     return result, calls

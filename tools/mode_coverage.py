@@ -110,8 +110,11 @@ def plan(requested: dict[str, Any], budget: int) -> tuple[dict[str, Any], int]:
     from progan.config import TrainConfig
     from progan.run import load_dataset
 
+    from progan.facedata import split_holdout
+
     cfg = TrainConfig(**requested)
-    n = len(load_dataset("digits", cfg.size, progress=False))  # the set train() uses
+    # the training part of the set train() uses (it keeps cfg.holdout of it out of training)
+    n = len(split_holdout(load_dataset("digits", cfg.size, progress=False), cfg.holdout)[0])
     per_epoch = (n // cfg.batch) * cfg.batch
     target = math.ceil(budget / cfg.batch) * cfg.batch
     return {**requested, "epochs": max(1, math.ceil(target / per_epoch))}, target
