@@ -95,8 +95,10 @@ def resolve_config(run_dir: Path, requested: dict[str, Any], explicit: set[str],
         if new == old[key]:
             continue
         if key not in RESUMABLE_CHANGES:
+            def show(v):  # tuples (channels, condition) as the command line writes them
+                return ",".join(map(str, v)) or "none" if isinstance(v, tuple) else v
             raise ProganError(
-                f"{run_dir} was trained with {key}={old[key]} but {key}={new} was asked for; resume without "
+                f"{run_dir} was trained with {key}={show(old[key])} but {key}={show(new)} was asked for; resume without "
                 f"changing it, or start fresh with --fresh or another --out")
         changes[key] = new
     cfg = TrainConfig(**{**old, **changes})
@@ -158,9 +160,15 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     setup_backend(dev, precision)
     data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale, progress=progress)
+    label_values = None
+    if cfg.condition:
+        from progan.labels import prepare
+
+        # Drops images without the labels asked for; completes the config with the label space (classes, ages).
+        data, cfg, label_values = prepare(data, cfg, source)
     if len(data) < cfg.batch:
         raise ProganError(f"only {len(data)} usable images in {source}, fewer than one batch (--batch {cfg.batch})")
-    bank = ImageBank(data.images, dev)
+    bank = ImageBank(data.images, dev, labels=label_values)
     trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile)
     if state is not None:
         try:
