@@ -364,9 +364,11 @@ def inspect(run: str, as_json: bool) -> None:
     else:
         for name in space["condition"]:
             vals = space[name]
-            what = (f"age          {vals[0]:g}..{vals[1]:g} years" if name == "age" else
-                    f"{'class' if name == 'folders' else name:<12} " + ", ".join(f"{i} {v}" for i, v in enumerate(vals)))
-            lines.append(what)
+            if name == "age":
+                lines.append(f"age          {vals[0]:g}..{vals[1]:g} years")
+            else:
+                title = "class" if name == "folders" else name
+                lines.append(f"{title:<12} " + ", ".join(f"{i} {v}" for i, v in enumerate(vals)))
     lines.append("config")
     width = max(len(k) for k in info["config"])
     lines += [f"  {k:<{width}}  {v}" for k, v in info["config"].items()]

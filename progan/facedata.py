@@ -452,7 +452,8 @@ class ImageBank:
     """The training images resident on the training device as uint8 N x 3 x S x S (NCHW), so no decoding or host
     copies happen in the training loop."""
 
-    def __init__(self, images: np.ndarray, device: torch.device | str = "cpu", labels: np.ndarray | None = None) -> None:
+    def __init__(self, images: np.ndarray, device: torch.device | str = "cpu",
+                 labels: np.ndarray | None = None) -> None:
         import torch
 
         if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:

@@ -287,7 +287,8 @@ def split_axis(cfg: TrainConfig, spec: str) -> tuple[str, list[float], list[str]
                 a, b, k = rng.split(":")
                 start, stop, count = float(a), float(b), int(k)
             except ValueError:
-                raise ProganError(f"--grid: age range must be start:stop:count (e.g. age=5:85:8), got '{rng}'") from None
+                raise ProganError(f"--grid: age range must be start:stop:count (e.g. age=5:85:8), "
+                                  f"got '{rng}'") from None
             if count < 1:
                 raise ProganError(f"--grid: age count must be at least 1, got {count}")
         ages = np.linspace(start, stop, count).tolist() if count > 1 else [start]

@@ -98,7 +98,8 @@ def resolve_config(run_dir: Path, requested: dict[str, Any], explicit: set[str],
             def show(v):  # tuples (channels, condition) as the command line writes them
                 return ",".join(map(str, v)) or "none" if isinstance(v, tuple) else v
             raise ProganError(
-                f"{run_dir} was trained with {key}={show(old[key])} but {key}={show(new)} was asked for; resume without "
+                f"{run_dir} was trained with {key}={show(old[key])} but {key}={show(new)} was asked for; "
+                f"resume without "
                 f"changing it, or start fresh with --fresh or another --out")
         changes[key] = new
     cfg = TrainConfig(**{**old, **changes})
