@@ -34,7 +34,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 # Options of `train` that map one-to-one onto TrainConfig fields.
 _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every", "log_every", "keep",
                    "fade_images", "stable_images", "lr_g", "lr_d", "ema_half_life", "latent_dim", "holdout",
-                   "eval_every", "eval_n")
+                   "eval_every", "eval_n", "condition")
+
+
+def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    from progan.labels import parse_condition
+
+    return None if value is None else parse_condition(value)
 
 
 @cli.command()
@@ -69,6 +75,10 @@ _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every"
 @click.option("--eval-n", type=int, default=None,
               help="Generated images per --eval-every measurement (reals: at most this many held-out)."
                    + _d("eval_n"))
+@click.option("--condition", default=None, callback=_parse_condition, metavar="LABELS",
+              help="Conditional training on labels: any of age,gender,race (from UTKFace file names "
+                   "age_gender_race_*.jpg), or folders (one class per subfolder of DIR). Images without the labels "
+                   "are skipped. [default: unconditional]")
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints: move the old run folder aside and start over.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,
@@ -112,22 +122,35 @@ def train(images: str, out: str | None, preset: str | None, fresh: bool, device:
 @click.argument("run", metavar="RUN")
 @click.option("--out", required=True, type=click.Path(),
               help="An image file (.png/.jpg/.webp) for one grid of all faces, or a folder for one PNG per face.")
-@click.option("--n", "n", type=int, default=64, show_default=True, help="Number of faces.")
+@click.option("--n", "n", type=int, default=None, help="Number of faces [default: 64; with --grid: 1 table].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Latent seed; the same seed gives the same faces.")
 @click.option("--cols", type=int, default=None, help="Grid columns [default: ceil(sqrt(n))].")
 @click.option("--batch", type=int, default=256, show_default=True, help="Faces per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-ema", is_flag=True, help="Use the raw generator instead of its moving average.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def generate(run: str, out: str, n: int, seed: int, cols: int | None, batch: int, device: str, no_ema: bool,
-             no_progress: bool) -> None:
+@click.option("--age", default=None, help="Conditional runs: age in years (within the trained range).")
+@click.option("--gender", default=None, help="Conditional runs: male/female or 0/1.")
+@click.option("--race", default=None, help="Conditional runs: White, Black, Asian, Indian, Others (or 0-4).")
+@click.option("--class", "class_", default=None, help="Runs trained with --condition folders: a class name or index.")
+@click.option("--grid", "grid_spec", default=None, metavar="COLS[,ROWS]",
+              help="Conditional runs: a table of labels, first label across, second down, e.g. age=5:85:8,race "
+                   "(ages start:stop:count; gender, race or class: all classes). Every cell of a table shows the "
+                   "same latent, so cells differ only by their labels; --n N stacks N tables (N latents) "
+                   "[default n: 1].")
+def generate(run: str, out: str, n: int | None, seed: int, cols: int | None, batch: int, device: str, no_ema: bool,
+             no_progress: bool, age: str | None, gender: str | None, race: str | None, class_: str | None,
+             grid_spec: str | None) -> None:
     """Render N faces from RUN: one grid image, or one PNG per face in a folder.
 
     RUN is a run folder (its latest checkpoint), a checkpoint file (.pt) or an exported .safetensors file.
+    Conditional runs take labels (--age, --gender, --race, --class); labels not given are random per face.
 
     \b
     progan generate runs/utk64 --n 64 --seed 1 --out faces.png
     progan generate runs/utk64 --n 10000 --out faces/
+    progan generate runs/utk64c --n 16 --age 70 --gender female --seed 3 --out old-women.png
+    progan generate runs/utk64c --grid age=5:85:8,race --seed 4 --out table.png
     """
     import math
 
@@ -138,17 +161,33 @@ def generate(run: str, out: str, n: int, seed: int, cols: int | None, batch: int
     from progan.facedata import IMAGE_EXTENSIONS
     from progan.generate import load_generator
 
+    if n is None:
+        n = 1 if grid_spec else 64
     if n < 1:
         raise ProganError(f"--n must be at least 1, got {n}")
     if batch < 1:
         raise ProganError(f"--batch must be at least 1, got {batch}")
     gen = load_generator(run, device=device, ema=not no_ema)
+    values = {"age": age, "gender": gender, "race": race, "class": class_}
+    labels = gen.make_labels(values, n, seed) if gen.condition or any(v is not None for v in values.values()) else None
     dest = Path(out)
+    if grid_spec is not None:
+        from progan.generate import label_grid
+
+        if dest.suffix.lower() not in IMAGE_EXTENSIONS or dest.is_dir():
+            raise ProganError(f"--grid writes one image: give --out an image file name (.png/.jpg/.webp), got {out}")
+        images, table_cols, across, down = label_grid(gen, grid_spec, values, seed=seed, n=n, batch=batch)
+        grid = visualization.image_grid(images, table_cols)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(dest)
+        click.echo(f"wrote {dest} ({grid.shape[1]}x{grid.shape[0]}; columns: {', '.join(across)}"
+                   + (f"; rows: {', '.join(down)}" if down else "") + f"; {n} latent{'s' * (n > 1)})", err=True)
+        return
     if dest.suffix.lower() in IMAGE_EXTENSIONS and not dest.is_dir():
         cols = cols or math.ceil(math.sqrt(n))
         if cols < 1:
             raise ProganError(f"--cols must be at least 1, got {cols}")
-        grid = visualization.image_grid(gen.sample(n, seed=seed, batch=batch), cols)
+        grid = visualization.image_grid(gen.sample(n, seed=seed, batch=batch, labels=labels), cols)
         dest.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(dest)
         click.echo(f"wrote {dest} ({grid.shape[1]}x{grid.shape[0]}, {n} faces at {gen.resolution} px)", err=True)
@@ -160,7 +199,7 @@ def generate(run: str, out: str, n: int, seed: int, cols: int | None, batch: int
     i = 0
     with tqdm(total=n, unit="img", disable=no_progress, desc=dest.name or str(dest), dynamic_ncols=True) as bar:
         # One batch in memory at a time, whatever n is.
-        for images in gen.sample_batches(n, seed=seed, batch=batch):
+        for images in gen.sample_batches(n, seed=seed, batch=batch, labels=labels):
             for img in images:
                 Image.fromarray(img).save(dest / f"{i:0{digits}d}.png")
                 i += 1
@@ -219,6 +258,84 @@ def interpolate(run: str, out: str, keys: int, frames_per_key: int, grid: str, f
 
 @cli.command()
 @click.argument("run", metavar="RUN")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Video file: .mp4 (H.264), .mkv or .gif.")
+@click.option("--from", "age_from", type=float, default=None, help="First age [default: the youngest trained age].")
+@click.option("--to", "age_to", type=float, default=None, help="Last age [default: the oldest trained age].")
+@click.option("--seconds", type=float, default=8, show_default=True, help="Length of the sweep.")
+@click.option("--fps", type=float, default=30, show_default=True, help="Frames per second.")
+@click.option("--n", "n", type=int, default=1, show_default=True, help="Faces (latents 0..N-1 of --seed), in a grid.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latents (and of labels not given).")
+@click.option("--latent", "latent_file", type=click.Path(dir_okay=False), default=None,
+              help="Age this latent instead: an .npz written by progan project (z, and its labels if any).")
+@click.option("--gender", default=None, help="male/female or 0/1 [default: random per face, or the --latent's].")
+@click.option("--race", default=None, help="White, Black, Asian, Indian, Others or 0-4 [default: as --gender].")
+@click.option("--cols", type=int, default=None, help="Grid columns [default: ceil(sqrt(n))].")
+@click.option("--cell", type=int, default=None,
+              help="Pixel size of each face [default: the resolution times an integer, at least 128].")
+@click.option("--batch", type=int, default=256, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-ema", is_flag=True, help="Use the raw generator instead of its moving average.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def age(run: str, out: str, age_from: float | None, age_to: float | None, seconds: float, fps: float, n: int,
+        seed: int, latent_file: str | None, gender: str | None, race: str | None, cols: int | None,
+        cell: int | None, batch: int, device: str, no_ema: bool, no_progress: bool) -> None:
+    """An age-progression video: the same face (fixed latent and other labels) with its age swept smoothly.
+
+    RUN must be trained with --condition including age. SECONDS * FPS frames, the age in a caption.
+
+    \b
+    progan age runs/utk64c --seed 7 --from 2 --to 90 --seconds 8 --out aging.mp4
+    progan age runs/utk64c --n 9 --gender female --out aging-grid.mp4
+    progan age runs/utk64c --latent me.npz --out me-aging.mp4
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    from progan import generate as gen_mod
+    from progan.labels import age_range
+    from progan.visualization import VIDEO_FORMATS
+
+    if Path(out).suffix.lower() not in VIDEO_FORMATS:
+        raise ProganError(f"unsupported video format '{Path(out).suffix}' (use .mp4, .mkv or .gif)")
+    if seconds <= 0 or fps <= 0:
+        raise ProganError("--seconds and --fps must be positive")
+    if n < 1:
+        raise ProganError(f"--n must be at least 1, got {n}")
+    gen = gen_mod.load_generator(run, device=device, ema=not no_ema)
+    if "age" not in gen.condition:
+        raise ProganError(f"{run} was not trained with age as a label (--condition "
+                          f"{','.join(gen.condition) or 'none'}); progan age needs --condition age,...")
+    lo, hi = age_range(gen.config)
+    a0, a1 = lo if age_from is None else age_from, hi if age_to is None else age_to
+    for name, a in (("--from", a0), ("--to", a1)):
+        if not lo <= a <= hi:
+            raise ProganError(f"{name} {a:g} is outside the trained age range {lo:g}..{hi:g}")
+    frames = max(2, round(seconds * fps))
+    values = {"gender": gender, "race": race}
+    if latent_file is not None:
+        if n != 1:
+            raise ProganError("--latent ages one face: leave out --n")
+        z, file_labels = gen_mod.read_latent(latent_file, gen)
+        labels = gen.make_labels(values, 1, seed)
+        if file_labels is not None:   # the projection's labels, unless given on the command line
+            given = {("folders" if k == "class" else k) for k, v in values.items() if v is not None}
+            for j, name in enumerate(gen.condition):
+                if name not in given:
+                    labels[:, j] = file_labels[:, j]
+    else:
+        z = gen.latents(n, seed)
+        labels = gen.make_labels(values, n, seed)
+    ages = np.linspace(a0, a1, frames)
+    with tqdm(total=frames, unit="frame", disable=no_progress, desc=Path(out).name, dynamic_ncols=True) as bar:
+        count, width, height = gen_mod.age_video(gen, out, z, labels, ages, fps=fps, cols=cols, cell=cell,
+                                                 batch=batch, progress=bar.update)
+    click.echo(f"wrote {out} ({count} frames, {width}x{height}, {count / fps:.1f} s, ages {a0:g} to {a1:g})",
+               err=True)
+
+
+
+@cli.command()
+@click.argument("run", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(run: str, as_json: bool) -> None:
     """What is in RUN's checkpoint (or export): config, progress, growth phase, parameter counts.
@@ -250,8 +367,19 @@ def inspect(run: str, as_json: bool) -> None:
         f"alpha {info['alpha']:.4g} ({phase})",
         f"eps          {'-' if info['eps'] is None else format(info['eps'], '.5g')}",
         f"parameters   G {fmt(p['G'])}, D {fmt(p['D'])}",
-        "config",
     ]
+    space = info.get("labels")
+    if space is None:
+        lines.append("labels       none (unconditional)")
+    else:
+        for name in space["condition"]:
+            vals = space[name]
+            if name == "age":
+                lines.append(f"age          {vals[0]:g}..{vals[1]:g} years")
+            else:
+                title = "class" if name == "folders" else name
+                lines.append(f"{title:<12} " + ", ".join(f"{i} {v}" for i, v in enumerate(vals)))
+    lines.append("config")
     width = max(len(k) for k in info["config"])
     lines += [f"  {k:<{width}}  {v}" for k, v in info["config"].items()]
     click.echo("\n".join(lines))

@@ -60,6 +60,12 @@ class TrainConfig:
     eq_lr: bool = True                  # ProGAN equalised learning rate (weights scaled at run time)
     mbstd: bool = True                  # minibatch standard deviation channel in D's last block
 
+    # conditional training (progan/labels.py): () = unconditional; any of age, gender, race; or ("folders",)
+    condition: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()       # folder class names, sorted (filled from the data for "folders")
+    age_range: tuple[int, ...] = ()     # (youngest, oldest) training age (filled from the data for "age")
+    label_dim: int = 16                 # label embedding channels joined to the injected block
+
     # progressive schedule, in images shown
     fade_images: int = 24_000
     stable_images: int = 24_000
@@ -118,6 +124,13 @@ class TrainConfig:
             raise ProganError(f"--eval-every must be >= 0 (0 = off), got {self.eval_every}")
         if self.eval_n < 2:
             raise ProganError(f"--eval-n must be at least 2, got {self.eval_n}")
+        object.__setattr__(self, "condition", tuple(str(c) for c in self.condition))
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "age_range", tuple(int(a) for a in self.age_range))
+        if self.condition or self.classes or self.age_range:
+            from progan.labels import check_config
+
+            check_config(self)
 
     @property
     def levels(self) -> int:

@@ -452,7 +452,8 @@ class ImageBank:
     """The training images resident on the training device as uint8 N x 3 x S x S (NCHW), so no decoding or host
     copies happen in the training loop."""
 
-    def __init__(self, images: np.ndarray, device: torch.device | str = "cpu") -> None:
+    def __init__(self, images: np.ndarray, device: torch.device | str = "cpu",
+                 labels: np.ndarray | None = None) -> None:
         import torch
 
         if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
@@ -468,6 +469,12 @@ class ImageBank:
         for i in range(0, n, step):
             chunk = torch.from_numpy(np.array(images[i : i + step]))  # np.array: writable copy
             self.data[i : i + step] = chunk.to(self.device).permute(0, 3, 1, 2)
+        # Conditional runs: float32 N x K labels beside the images (see progan/labels.py), else None.
+        self.labels = None
+        if labels is not None:
+            if len(labels) != n:
+                raise ValueError(f"{len(labels)} labels for {n} images")
+            self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32)).reshape(n, -1).to(self.device)
 
     def __len__(self) -> int:
         return int(self.data.shape[0])

@@ -156,6 +156,14 @@ class Trainer:
         # The video's latents come from their own stream and are never trained on.
         fixed_rng = torch.Generator().manual_seed(cfg.seed + 7919)
         self.fixed_z = latent.random(N_FIXED, cfg.latent_dim, generator=fixed_rng).to(self.device)
+        # A conditional run's video shows fixed labels spread over the label space (no random draws).
+        self.fixed_labels: torch.Tensor | None = None
+        if cfg.condition:
+            from progan.labels import fixed_labels
+
+            if getattr(bank, "labels", None) is None:
+                raise ValueError("a conditional run needs an ImageBank with labels")
+            self.fixed_labels = fixed_labels(cfg, N_FIXED).to(self.device)
         self.nimg = 0
         self.steps = 0
         self.train_seconds = 0.0  # training wall-clock over all sessions (evaluation excluded); set by run.Session
@@ -189,20 +197,26 @@ class Trainer:
             real = torch.lerp(upsample2(F.avg_pool2d(real, 2)), real, alpha)
         return real
 
+    def real_labels(self) -> torch.Tensor:
+        """Labels of the current real batch (the same indices as real_batch)."""
+        return self.bank.labels.index_select(0, self._batch_indices().to(self.bank.labels.device))
+
     # --- one round -----------------------------------------------------------------------------------------------
     def step(self) -> None:
         cfg = self.cfg
         level, alpha = self.phase()
         real = self.real_batch(level, alpha)
+        # Conditional: fakes get the real batch's labels, so G's labels follow the data's label distribution.
+        y = self.real_labels() if cfg.condition else None
         z = latent.random(cfg.batch, cfg.latent_dim, generator=self.rng, device=self.device)
 
         # Generator step: no noise, so G gets clean gradients (the seed's choice).
         self.D.requires_grad_(False)
         with self.autocast:
-            fake = self.G(z, level, alpha).float()
+            fake = self.G(z, level, alpha, labels=y).float()
         add_diversity(fake, cfg.diversity)
         with self.autocast:
-            g_loss = F.softplus(-self.D(fake, level, alpha).float()).mean()
+            g_loss = F.softplus(-self.D(fake, level, alpha, labels=y).float()).mean()
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
@@ -218,7 +232,8 @@ class Trainer:
         r1_step = cfg.r1_gamma > 0 and self.steps % cfg.r1_every == 0
         real_n.requires_grad_(r1_step)
         with self.autocast:
-            d_real, d_fake = self.D(real_n, level, alpha).float(), self.D(fake_n, level, alpha).float()
+            d_real = self.D(real_n, level, alpha, labels=y).float()
+            d_fake = self.D(fake_n, level, alpha, labels=y).float()
         d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         if r1_step:
             (grad,) = torch.autograd.grad(d_real.sum(), real_n, create_graph=True)
@@ -255,10 +270,11 @@ class Trainer:
         """The fixed latents through the (EMA) generator at the current level and alpha, in [-1, 1]."""
         level, alpha = self.phase()
         g = self.G_ema if ema else self.G
-        return g(self.fixed_z, level, alpha)
+        return g(self.fixed_z, level, alpha, labels=self.fixed_labels)
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        labels = {} if self.fixed_labels is None else {"fixed_labels": self.fixed_labels.cpu()}
         return {
             "config": self.cfg.to_dict(),
             "nimg": self.nimg,
@@ -273,6 +289,7 @@ class Trainer:
             "rng": self.rng.get_state(),
             "fixed_z": self.fixed_z.cpu(),
             "train_seconds": float(self.train_seconds),
+            **labels,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -284,6 +301,8 @@ class Trainer:
         self.noise.eps = s["eps"].to(self.device)
         self.rng.set_state(s["rng"])
         self.fixed_z = s["fixed_z"].to(self.device)
+        if self.cfg.condition:
+            self.fixed_labels = s["fixed_labels"].to(self.device)
         self.nimg, self.steps = int(s["nimg"]), int(s["steps"])
         self.train_seconds = float(s.get("train_seconds", 0.0))  # absent in checkpoints of older versions
         self._order = None

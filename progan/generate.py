@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from progan import checkpoint, latent, visualization
+from progan import labels as labels_mod
 from progan.config import TrainConfig
 from progan.errors import ProganError
 from progan.gantrain import schedule
@@ -101,42 +102,86 @@ class FaceGenerator:
             yield pending[:stop - start], size
             pending = pending[stop - start:]
 
+    # --- labels of conditional runs (see progan/labels.py) ---------------------------------------------------------
+    @property
+    def condition(self) -> tuple[str, ...]:
+        """The labels this generator takes, in the order of a label tensor's columns; () when unconditional."""
+        return self._config.condition
+
+    def make_labels(self, values: dict[str, Any] | None = None, n: int = 1, seed: int = 0) -> torch.Tensor:
+        """n x K labels from user values such as {"age": 70, "gender": "female"} (names or indices; "class" for
+        folder classes), validated with one-line errors; labels not given are random per face from `seed`."""
+        return labels_mod.build(self._config, values, n, seed, where=str(self.source or "this run"))
+
+    def _labels_for(self, labels: torch.Tensor | None, n: int, seed: int) -> torch.Tensor | None:
+        """Checked N x K labels (1 x K or K broadcast to N); random ones for a conditional run given none."""
+        if not self.condition:
+            if labels is not None and labels.numel():
+                raise ProganError(f"{self.source or 'this run'} was trained without --condition: it takes no labels")
+            return None
+        if labels is None:
+            return labels_mod.random_labels(self._config, n, seed)
+        labels = torch.as_tensor(labels, dtype=torch.float32).cpu()
+        if labels.ndim == 1:
+            labels = labels[None]
+        k = len(self.condition)
+        if labels.ndim != 2 or labels.shape[1] != k or labels.shape[0] not in (1, n):
+            raise ProganError(f"expected labels of shape {n} x {k} ({', '.join(self.condition)}), "
+                              f"got {tuple(labels.shape)}")
+        return labels.expand(n, k)
+
     @torch.inference_mode()
-    def _forward(self, z: torch.Tensor, size: int) -> np.ndarray:
+    def _forward(self, z: torch.Tensor, size: int, labels: torch.Tensor | None = None) -> np.ndarray:
         k = z.shape[0]
         if size > k:   # pad with copies of the last latent to the block's fixed size
             z = torch.cat([z, z[-1:].expand(size - k, -1)])
-        out = self.G(z.to(self.device, torch.float32), self._level, self._alpha)
+            if labels is not None:
+                labels = torch.cat([labels, labels[-1:].expand(size - k, -1)])
+        if labels is not None:
+            labels = labels.to(self.device, torch.float32)
+        out = self.G(z.to(self.device, torch.float32), self._level, self._alpha, labels=labels)
         return visualization.to_uint8(out[:k])
 
-    def render_batches(self, z: torch.Tensor, batch: int = 256) -> Iterator[np.ndarray]:
-        """uint8 N x H x W x 3 images for latents z (N x latent_dim, any device), at most `batch` at a time."""
+    def render_batches(self, z: torch.Tensor, batch: int = 256,
+                       labels: torch.Tensor | None = None) -> Iterator[np.ndarray]:
+        """uint8 N x H x W x 3 images for latents z (N x latent_dim, any device), at most `batch` at a time.
+
+        A conditional run takes labels N x K (see make_labels); without them each face gets random labels."""
         _check_batch(batch)
         if z.ndim != 2 or z.shape[1] != self._config.latent_dim:
             raise ProganError(f"expected latents of shape N x {self._config.latent_dim}, got {tuple(z.shape)}")
+        y = self._labels_for(labels, z.shape[0], 0)
         for start, stop, size in blocks(z.shape[0], batch):
-            yield self._forward(z[start:stop], size)
+            yield self._forward(z[start:stop], size, None if y is None else y[start:stop])
 
-    def render(self, z: torch.Tensor, batch: int = 256) -> np.ndarray:
+    def render(self, z: torch.Tensor, batch: int = 256, labels: torch.Tensor | None = None) -> np.ndarray:
         """All images for latents z at once: uint8 N x H x W x 3."""
-        parts = list(self.render_batches(z, batch))
+        parts = list(self.render_batches(z, batch, labels))
         r = self.resolution
         return np.concatenate(parts) if parts else np.zeros((0, r, r, 3), np.uint8)
 
-    def sample_batches(self, n: int, seed: int = 0, batch: int = 256) -> Iterator[np.ndarray]:
+    def sample_batches(self, n: int, seed: int = 0, batch: int = 256,
+                       labels: torch.Tensor | None = None) -> Iterator[np.ndarray]:
         """sample(n, seed) as a stream of uint8 batches: bounded memory for any n."""
         _check_batch(batch)
+        y = self._labels_for(labels, n, seed)
+        start = 0
         for z, size in self._latent_blocks(n, seed, batch):
-            yield self._forward(z, size)
+            yield self._forward(z, size, None if y is None else y[start:start + z.shape[0]])
+            start += z.shape[0]
 
-    def sample(self, n: int, seed: int = 0, batch: int = 256, z: torch.Tensor | None = None) -> np.ndarray:
+    def sample(self, n: int, seed: int = 0, batch: int = 256, z: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None) -> np.ndarray:
         """n faces for `seed` (or for the given latents z) as uint8 N x H x W x 3.
 
-        Deterministic: face i depends on the seed (and, in the last float bit, on `batch`), never on n.
+        Deterministic: face i depends on the seed (and, in the last float bit, on `batch`), never on n. A
+        conditional run takes labels (N x K or 1 x K, see make_labels); without them face i gets random labels
+        drawn from the seed, also independent of n.
         """
         if z is not None:
-            return self.render(z[:n], batch)
-        parts = list(self.sample_batches(n, seed, batch))
+            z = z[:n]
+            return self.render(z, batch, self._labels_for(labels, z.shape[0], seed))
+        parts = list(self.sample_batches(n, seed, batch, labels))
         r = self.resolution
         return np.concatenate(parts) if parts else np.zeros((0, r, r, 3), np.uint8)
 
@@ -321,7 +366,7 @@ def describe(run: str | Path) -> dict[str, Any]:
                     parameters={k: _count(state[k]) if isinstance(state.get(k), dict) else None
                                 for k in ("G", "D")})
     info.update(level=level, levels=cfg.levels, resolution=cfg.resolution(level), alpha=alpha,
-                config=cfg.to_dict())
+                labels=labels_mod.describe(cfg), config=cfg.to_dict())
     return info
 
 
@@ -386,6 +431,8 @@ def interpolate(gen: FaceGenerator, out: str | Path, keys: int = 8, frames_per_k
     if path.suffix.lower() not in visualization.VIDEO_FORMATS:
         raise ProganError(f"unsupported video format '{path.suffix}' (use .mp4, .mkv or .gif)")
     walks = walk_latents(gen, cells, keys, frames_per_key, seed, smooth)     # cells x T x dim
+    # A conditional run: each cell keeps one set of random labels for its whole walk.
+    cell_labels = gen.make_labels(None, cells, seed) if gen.condition else None
     total = walks.shape[1]
     # H.264 yuv420p needs even sides: a black line is added where the grid is odd.
     gw, gh = cols * cell, rows * cell
@@ -396,7 +443,8 @@ def interpolate(gen: FaceGenerator, out: str | Path, keys: int = 8, frames_per_k
         for t0 in range(0, total, per_pass):
             t1 = min(total, t0 + per_pass)
             z = walks[:, t0:t1].transpose(0, 1).reshape(-1, walks.shape[2])    # frame-major: cells of frame t together
-            images = resize_cells(gen.render(z, batch), cell)
+            y = None if cell_labels is None else cell_labels.repeat(t1 - t0, 1)
+            images = resize_cells(gen.render(z, batch, y), cell)
             for i in range(t1 - t0):
                 frame = np.zeros((height, width, 3), np.uint8)
                 frame[:gh, :gw] = visualization.image_grid(images[i * cells:(i + 1) * cells], cols)
@@ -404,3 +452,109 @@ def interpolate(gen: FaceGenerator, out: str | Path, keys: int = 8, frames_per_k
             if progress is not None:
                 progress(t1 - t0)
     return total, width, height
+
+
+# ----------------------------------------------------------------------------- conditional runs: label tables, aging
+
+
+def label_grid(gen: FaceGenerator, spec: str, values: dict[str, Any] | None = None, seed: int = 0,
+               n: int = 1, batch: int = 256) -> tuple[np.ndarray, int, list[str], list[str]]:
+    """A table of labels, e.g. 'age=5:85:8,race': the first axis across (columns), the second down (rows).
+
+    Every cell of a table shows the same face (latent i of the seed, with the labels not on an axis fixed: from
+    `values`, else random once per table), so cells differ only by their labels; n > 1 stacks n tables, one per
+    latent. Returns (uint8 images row by row, columns, column captions, row captions).
+    """
+    axes = [a for a in spec.split(",") if a.strip()]
+    if not 1 <= len(axes) <= 2:
+        raise ProganError(f"--grid needs one or two labels (columns,rows), e.g. age=5:85:8,race; got '{spec}'")
+    if not gen.condition:
+        raise ProganError(f"--grid needs a conditional run, but {gen.source or 'this run'} was trained without "
+                          f"--condition")
+    if n < 1:
+        raise ProganError(f"--n must be at least 1, got {n}")
+    parsed = [labels_mod.split_axis(gen.config, a) for a in axes]
+    if len(parsed) == 2 and parsed[0][0] == parsed[1][0]:
+        raise ProganError(f"--grid names {parsed[0][0]} twice")
+    (cname, cvals, ccap), (rname, rvals, rcap) = parsed[0], parsed[1] if len(parsed) == 2 else (None, [None], [])
+    base = gen.make_labels(values, n, seed)            # n x K: one set of labels per table
+    z = gen.latents(n, seed)
+    cells_z, cells_y = [], []
+    for t in range(n):
+        for rv in rvals:
+            for cv in cvals:
+                y = base[t].clone()
+                y[gen.condition.index(cname)] = cv
+                if rname is not None:
+                    y[gen.condition.index(rname)] = rv
+                cells_z.append(z[t])
+                cells_y.append(y)
+    images = gen.render(torch.stack(cells_z), batch, torch.stack(cells_y))
+    return images, len(cvals), ccap, rcap
+
+
+def read_latent(path: str | Path, gen: FaceGenerator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z 1 x latent_dim, labels 1 x K or None) from a projected-latent .npz (keys z; optional labels, condition,
+    run); its labels are used only when they were made for the same condition as this run."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise ProganError(f"no such latent file: {path}") from None
+    except (OSError, ValueError) as e:
+        raise ProganError(f"{path} is not a latent file (.npz with 'z'): {str(e).splitlines()[0][:100]}") from None
+    if "z" not in data:
+        raise ProganError(f"{path} has no 'z' array (expected a file written by progan project)")
+    z = torch.as_tensor(np.asarray(data["z"], dtype=np.float32)).reshape(-1, data["z"].shape[-1])
+    if z.shape != (1, gen.config.latent_dim):
+        raise ProganError(f"{path}: z has shape {tuple(data['z'].shape)}, this run needs 1 x {gen.config.latent_dim}")
+    labels = None
+    if "labels" in data and gen.condition:
+        cond = tuple(str(c) for c in np.asarray(data.get("condition", [])).reshape(-1))
+        y = np.asarray(data["labels"], dtype=np.float32).reshape(1, -1)
+        if cond == gen.condition and y.shape[1] == len(gen.condition):
+            labels = torch.as_tensor(y)
+    return z, labels
+
+
+def age_video(gen: FaceGenerator, out: str | Path, z: torch.Tensor, labels: torch.Tensor, ages: np.ndarray,
+              fps: float = 30, cols: int | None = None, cell: int | None = None, batch: int = 256,
+              progress: Callable[[int], None] | None = None) -> tuple[int, int, int]:
+    """Faces z (N x dim) with labels (N x K) rendered with the age swept through `ages`, one frame per age, as a
+    grid video with the age in a caption; identity stays because z and the other labels never change.
+    Returns (frames, width, height)."""
+    _check_batch(batch)
+    if "age" not in gen.condition:
+        raise ProganError(f"{gen.source or 'this run'} was not trained with age as a label (--condition "
+                          f"{','.join(gen.condition) or 'none'})")
+    path = Path(out)
+    if path.suffix.lower() not in visualization.VIDEO_FORMATS:
+        raise ProganError(f"unsupported video format '{path.suffix}' (use .mp4, .mkv or .gif)")
+    n = z.shape[0]
+    cols = cols or math.ceil(math.sqrt(n))
+    cell = default_cell(gen.resolution) if cell is None else cell
+    if cols < 1 or cell < 1:
+        raise ProganError("--cols and --cell must be at least 1")
+    j = gen.condition.index("age")
+    labels = gen._labels_for(labels, n, 0)
+    per_pass = max(1, batch // n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        for t0 in range(0, len(ages), per_pass):
+            chunk = ages[t0:t0 + per_pass]
+            y = labels.repeat(len(chunk), 1)
+            y[:, j] = torch.as_tensor(np.repeat(chunk, n), dtype=torch.float32)
+            images = resize_cells(gen.render(z.repeat(len(chunk), 1), batch, y), cell)
+            for i, age in enumerate(chunk):
+                frame = visualization.training_frame(images[i * n:(i + 1) * n], cell, f"age {age:.0f}", cols)
+                if writer is None:
+                    writer = visualization.VideoWriter(path, frame.shape[1], frame.shape[0], fps=fps)
+                writer.write(frame)
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        if writer is not None:
+            writer.close()
+    return len(ages), frame.shape[1], frame.shape[0]

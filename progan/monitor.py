@@ -43,6 +43,12 @@ class TrainingEval:
         self.reals = np.asarray(heldout[idx])
         self.z = latent.random(cfg.eval_n, cfg.latent_dim,
                                generator=torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
+        # conditional runs: labels uniform over the label space, the same at every evaluation
+        self.labels = None
+        if cfg.condition:
+            from progan.labels import random_labels
+
+            self.labels = random_labels(cfg, cfg.eval_n, cfg.seed + EVAL_SEED_OFFSET)
         self._net = None
         self._real_feats: np.ndarray | None = None
 
@@ -67,7 +73,8 @@ class TrainingEval:
         parts = []
         with torch.no_grad():
             for i in range(0, len(self.z), EVAL_BATCH):
-                x = G(self.z[i:i + EVAL_BATCH].to(self.device), level, alpha).float()
+                y = None if self.labels is None else self.labels[i:i + EVAL_BATCH].to(self.device)
+                x = G(self.z[i:i + EVAL_BATCH].to(self.device), level, alpha, labels=y).float()
                 while x.shape[-1] < self.cfg.size:
                     x = upsample2(x)
                 parts.append(to_uint8(x))

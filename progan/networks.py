@@ -66,19 +66,60 @@ class PixelNorm(nn.Module):
         return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
 
 
+class LabelEmbedding(nn.Module):
+    """Labels (N x K floats aligned with cfg.condition) -> N x dim: age through a linear map of its Fourier
+    features (smooth in age), each categorical label through a learned table; summed, scaled to unit variance."""
+
+    def __init__(self, cfg: TrainConfig, dim: int, eq_lr: bool = True):
+        super().__init__()
+        from progan import labels
+
+        self.condition = cfg.condition
+        self.parts = nn.ModuleDict()
+        for name in cfg.condition:
+            if name == "age":
+                self.parts[name] = linear(eq_lr, labels.AGE_FEATURES, dim, bias=False, gain=1.0)
+            else:
+                n = labels.num_classes(cfg, name)
+                if n < 1:
+                    raise ValueError(f"condition {name!r} needs its class names in the config")
+                self.parts[name] = nn.Embedding(n, dim)
+                nn.init.normal_(self.parts[name].weight)
+        self.dim = dim
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        from progan.labels import age_features
+
+        if y is None or y.ndim != 2 or y.shape[1] != len(self.condition):
+            shape = None if y is None else tuple(y.shape)
+            raise ValueError(f"labels must be N x {len(self.condition)} ({', '.join(self.condition)}), got {shape}")
+        out = 0
+        for j, name in enumerate(self.condition):
+            part = self.parts[name]
+            out = out + (part(age_features(y[:, j])) if name == "age" else part(y[:, j].long()))
+        return out * len(self.condition) ** -0.5
+
+
 class Inject(nn.Module):
     """The seed's injected block: latent features repeated at every pixel, plus x and y coordinate channels.
 
-    It gives every UpConv a shortcut to the latent and to absolute position.
+    It gives every UpConv a shortcut to the latent and to absolute position. In a conditional run the label
+    embedding joins the latent features, so the labels reach every level the same way.
     """
 
-    def __init__(self, latent_dim: int, channels: int, eq_lr: bool = True):
+    def __init__(self, latent_dim: int, channels: int, eq_lr: bool = True, cfg: TrainConfig | None = None):
         super().__init__()
         self.features = linear(eq_lr, latent_dim, channels, bias=False, gain=1.0)
-        self.channels = channels + 2
+        # Created after `features`, and only when conditional: the unconditional parameters and init are unchanged.
+        self.labels = LabelEmbedding(cfg, cfg.label_dim, eq_lr) if cfg is not None and cfg.condition else None
+        self.channels = channels + 2 + (cfg.label_dim if self.labels is not None else 0)
 
-    def vector(self, z: torch.Tensor) -> torch.Tensor:
-        return self.features(z)
+    def vector(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.labels is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional generator")
+            return self.features(z)
+        return torch.cat([self.features(z), self.labels(labels).to(z.dtype)], dim=1)
 
     def expand(self, v: torch.Tensor, res: int) -> torch.Tensor:
         """B x C vector -> B x (C + 2) x res x res map with the coordinate channels appended."""
@@ -128,7 +169,7 @@ class Generator(nn.Module):
         # The "latent image": spatial structure at base size, without which the net only makes flat tiles.
         eq = cfg.eq_lr
         self.latent_image = linear(eq, cfg.latent_dim, ch[0] * cfg.base ** 2, bias=False, gain=1.0)
-        self.inject = Inject(cfg.latent_dim, cfg.inject_channels, eq)
+        self.inject = Inject(cfg.latent_dim, cfg.inject_channels, eq, cfg)
         self.blocks = nn.ModuleList(
             UpConv(ch[max(k - 1, 0)], self.inject.channels, ch[k], upsample=k > 0, pixel_norm=cfg.pixel_norm,
                    eq_lr=eq)
@@ -141,9 +182,11 @@ class Generator(nn.Module):
     def levels(self) -> int:
         return len(self.blocks)
 
-    def forward(self, z: torch.Tensor, level: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, level: int | None = None, alpha: float = 1.0,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images for latents z; a conditional generator also needs labels (N x K, see progan/labels.py)."""
         level = self.levels - 1 if level is None else level
-        inj = self.inject.vector(z)
+        inj = self.inject.vector(z, labels)
         x = self.norm(self.latent_image(z).view(z.shape[0], -1, self.base, self.base))
         prev = None
         for k in range(level + 1):
@@ -217,6 +260,9 @@ class Discriminator(nn.Module):
             linear(eq, ch[0] * cfg.base ** 2, ch[0], bias=False), nn.LeakyReLU(0.2),
             linear(eq, ch[0], 1, gain=1.0),
         )
+        # Projection discriminator (Miyato & Koyama 2018): score += <embed(y), features> / sqrt(dim); created last,
+        # and only when conditional, so the unconditional parameters and init are unchanged.
+        self.project = LabelEmbedding(cfg, ch[0], eq) if cfg.condition else None
 
     @property
     def levels(self) -> int:
@@ -232,10 +278,20 @@ class Discriminator(nn.Module):
             x = self.blocks[k](x)
         return x
 
-    def forward(self, img: torch.Tensor, level: int | None = None, alpha: float = 1.0) -> torch.Tensor:
-        """Logit per image: the mean of the scores of the image and its mirror (faces are left-right symmetric)."""
+    def forward(self, img: torch.Tensor, level: int | None = None, alpha: float = 1.0,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit per image: the mean of the scores of the image and its mirror (faces are left-right symmetric).
+
+        A conditional discriminator scores (image, labels) pairs through its projection head."""
         level = self.levels - 1 if level is None else level
         b = img.shape[0]
         both = torch.cat([img, img.flip(3)])
-        logits = self.head(self.features(both, level, alpha)).view(2, b)
-        return logits.mean(0)
+        if self.project is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional discriminator")
+            logits = self.head(self.features(both, level, alpha)).view(2, b)
+            return logits.mean(0)
+        h = self.head[:-1](self.features(both, level, alpha))
+        e = self.project(torch.cat([labels, labels]) if labels is not None else None).to(h.dtype)
+        logits = self.head[-1](h).view(2 * b) + (e * h).sum(1) * self.project.dim ** -0.5
+        return logits.view(2, b).mean(0)

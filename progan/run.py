@@ -99,8 +99,11 @@ def resolve_config(run_dir: Path, requested: dict[str, Any], explicit: set[str],
         if new == old[key]:
             continue
         if key not in RESUMABLE_CHANGES:
+            def show(v):  # tuples (channels, condition) as the command line writes them
+                return ",".join(map(str, v)) or "none" if isinstance(v, tuple) else v
             raise ProganError(
-                f"{run_dir} was trained with {key}={old[key]} but {key}={new} was asked for; resume without "
+                f"{run_dir} was trained with {key}={show(old[key])} but {key}={show(new)} was asked for; "
+                f"resume without "
                 f"changing it, or start fresh with --fresh or another --out")
         changes[key] = new
     cfg = TrainConfig(**{**old, **changes})
@@ -195,7 +198,16 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     if cfg.eval_every > 0 and len(held) < 2:
         raise ProganError(f"--eval-every needs held-out images, but --holdout {cfg.holdout:g} keeps {len(held)} of "
                           f"{len(data) + len(held)}; raise --holdout")
-    bank = ImageBank(data.images, dev)
+    label_values = None
+    if cfg.condition:
+        from progan.labels import prepare
+
+        # Drops images without the labels asked for; completes the config with the label space (classes, ages).
+        data, cfg, label_values = prepare(data, cfg, source)
+        if len(data) < cfg.batch:
+            raise ProganError(f"only {len(data)} usable labelled training images in {source}, fewer than one batch "
+                              f"(--batch {cfg.batch})")
+    bank = ImageBank(data.images, dev, labels=label_values)
     trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile)
     if state is not None:
         try:
