@@ -225,7 +225,8 @@ def test_conditional_trainer_uses_real_labels_and_resumes_bit_identically():
 
 N_IMAGES, N_BAD, SIZE, BATCH = 96, 3, 16, 8
 TRAIN = ["--size", str(SIZE), "--batch", str(BATCH), "--fade-images", "32", "--stable-images", "32",
-         "--video-every", "4", "--log-every", "4", "--no-progress"]
+         "--video-every", "4", "--log-every", "4", "--no-progress",
+         "--holdout", "0"]  # these tests count labelled images; the held-out split has its own tests
 
 
 def _write_utk(folder: Path, n: int, seed: int = 0) -> list[tuple[int, int, int]]:

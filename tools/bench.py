@@ -81,6 +81,8 @@ def bench_progan(name: str, cfg: TrainConfig, device: torch.device, args) -> lis
         res = cfg.resolution(level)
         if res > args.max_res:
             break
+        if res < args.min_res:
+            continue
         # Stable phase of this level (alpha = 1): the steady state a run spends most of its time in.
         start = level_start(level, cfg.fade_images, cfg.stable_images) + (cfg.fade_images if level else 0)
 
@@ -129,6 +131,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (falls back if unsupported)")
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per measurement")
     p.add_argument("--max-res", type=int, default=None, help="skip resolutions above this [CPU: 80, CUDA: all]")
+    p.add_argument("--min-res", type=int, default=1, help="skip resolutions below this")
+    p.add_argument("--models", default="default,seed2019,dcgan",
+                   help="comma list of default, seed2019, dcgan (ratios need dcgan)")
     p.add_argument("--batch", type=int, default=None, help="progan default batch override")
     p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all cores]")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known for H100/H200/A100)")
@@ -149,16 +154,19 @@ def main() -> None:
 
     default = TrainConfig(size=args.size, **({"batch": args.batch} if args.batch else {}))
     seed = TrainConfig(**PRESETS["seed2019"])
-    rows = bench_progan("default", default, device, args)
-    rows += bench_progan("seed2019", seed, device, args)
-    ref = bench_dcgan(device, args)
-    rows.append(ref)
+    models = set(args.models.split(","))
+    if not models <= {"default", "seed2019", "dcgan"}:
+        p.error(f"--models: unknown {sorted(models - {'default', 'seed2019', 'dcgan'})}")
+    rows = bench_progan("default", default, device, args) if "default" in models else []
+    rows += bench_progan("seed2019", seed, device, args) if "seed2019" in models else []
+    ref = bench_dcgan(device, args) if "dcgan" in models else None
+    rows += [ref] if ref else []
     data_ips = bench_data(default, device, args)
     peak = peak_tflops(device, args.precision, args.peak_tflops)
 
     print(f"\n{'model':10s} {'res':>5s} {'batch':>6s} {'img/s':>10s} {'x DCGAN':>8s} {'GFLOP/img':>10s} {'MFU':>7s}")
     for r in rows:
-        r["ratio_to_dcgan"] = r["img_per_s"] / ref["img_per_s"]
+        r["ratio_to_dcgan"] = r["img_per_s"] / ref["img_per_s"] if ref else float("nan")
         gf = r.get("gflop_per_img")
         if gf is not None and peak:
             r["mfu"] = gf * r["img_per_s"] / (peak * 1e3)
