@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from progan.config import PRESETS, TrainConfig
+from progan.config import PRESETS, TrainConfig, parse_augment
 from progan.errors import ProganError
 
 
@@ -121,6 +121,8 @@ def train(images: str, out: str | None, preset: str | None, fresh: bool, device:
     if preset is None:
         preset = "digits" if images == "digits" and not Path(images).exists() else "default"
     requested = {**PRESETS[preset], **{k: options[k] for k in _CONFIG_OPTIONS if options[k] is not None}}
+    if "augment" in requested:   # canonical form, so resuming with the same ops in another order is no change
+        requested["augment"] = ",".join(parse_augment(requested["augment"]))
     if preset != "default":
         explicit |= set(PRESETS[preset])
     run_dir = Path(out) if out else Path("runs") / (Path(images).resolve().name or "run")

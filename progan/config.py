@@ -222,6 +222,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A few hundred to a few thousand images: DiffAugment with all three ops (the setting Zhao et al. use for
     # 100-shot and 1k-image sets), R1 gamma 4 instead of 1 (a D that sees few images overfits them), and 500 epochs
     # (1,000 images x 500 = 500k images shown, enough for the whole 64 px schedule; give fewer images more epochs).
-    "small": dict(augment="translation,color,cutout", r1_gamma=4.0, epochs=500),
+    "small": dict(augment="color,translation,cutout", r1_gamma=4.0, epochs=500),
 }
 

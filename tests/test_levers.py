@@ -278,3 +278,32 @@ def test_diversity_on_all_layers_changes_the_generator_update():
     for t in (c, d):
         t.step()
     assert all(torch.equal(p, q) for p, q in zip(c.G.parameters(), d.G.parameters()))
+
+
+def test_cli_flags_reach_the_run_and_resume_checks_them(tmp_path):
+    """`progan train` with the new flags writes them to config.json; the same command resumes (even with the
+    augmentation ops in another order); a changed lever is refused in one line naming --fresh."""
+    import os
+
+    from blobs import write_blob_images
+
+    data = write_blob_images(tmp_path / "faces", 12, 16)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PROGAN_CACHE": str(tmp_path / "cache")}
+
+    def train(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "progan", "train", str(data), "--out", str(tmp_path / "run"),
+                               "--size", "16", "--batch", "4", "--max-steps", "1", "--no-progress", *flags],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+    proc = train("--augment", "translation,color", "--loss", "hinge", "--diversity-layers", "all", "--no-mbstd",
+                 "--r1-gamma", "3")
+    assert proc.returncode == 0, proc.stderr
+    cfg = TrainConfig.load(tmp_path / "run" / "config.json")
+    assert (cfg.augment, cfg.loss, cfg.diversity_layers, cfg.mbstd, cfg.r1_gamma) == \
+        ("color,translation", "hinge", "all", False, 3.0)
+    proc = train("--augment", "color, translation", "--loss", "hinge")
+    assert proc.returncode == 0, proc.stderr
+    proc = train("--loss", "ns")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("progan: error:") and "loss" in proc.stderr \
+        and "--fresh" in proc.stderr and "Traceback" not in proc.stderr
