@@ -263,8 +263,8 @@ class Trainer:
         r1_step = cfg.r1_gamma > 0 and self.steps % cfg.r1_every == 0
         real_n.requires_grad_(r1_step)
         with self.autocast:
-            # With DiffAugment, R1 is the gradient at the un-augmented reals through the augmentation, as in the
-            # reference DiffAugment-stylegan2 (the augmentation is differentiable).
+            # DiffAugment acts on what D is shown, the noisy images. R1 is the gradient at the un-augmented reals
+            # through the (differentiable) augmentation, as in the reference DiffAugment-stylegan2.
             d_real = self.D(self.augment(real_n), level, alpha, labels=y).float()
             d_fake = self.D(self.augment(fake_n), level, alpha, labels=y).float()
         if cfg.loss == "hinge":

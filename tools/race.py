@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--out", default="race", help="output folder [race]")
         p.add_argument("--device", default="auto")
         p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
-                       help="progan's forward passes [bf16 on CUDA, fp32 on CPU]; DCGAN runs fp32 as the tutorial")
+                       help="progan's forward passes [bf16 on CUDA, fp32 on CPU]; DCGAN runs without autocast, as the "
+                            "tutorial (TF32 matmuls on CUDA when this is tf32 or bf16)")
         p.add_argument("--preset", choices=list(PRESETS), default="default", help="progan preset [default]")
         p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px) [64]")
         p.add_argument("--snapshots", type=int, default=10, help="snapshots per contestant [10]")
