@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from progan.config import TrainConfig
+from progan.config import PRESETS, TrainConfig, parse_augment
 from progan.errors import ProganError
 
 
@@ -34,7 +34,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 # Options of `train` that map one-to-one onto TrainConfig fields.
 _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every", "log_every", "keep",
                    "fade_images", "stable_images", "lr_g", "lr_d", "ema_half_life", "latent_dim", "holdout",
-                   "eval_every", "eval_n", "condition")
+                   "eval_every", "eval_n", "condition", "augment", "loss", "diversity_layers", "r1_gamma",
+                   "ema_rampup", "pixel_norm", "eq_lr", "mbstd")
 
 
 def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -49,9 +50,13 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
               help="Run folder [default: runs/<name of DIR>]. Resumes when it holds a checkpoint.")
 @click.option("--size", type=int, default=None,
               help="Final resolution, base*2^k with a small base: 32, 64, 128, 160, 256 ..." + _d("size"))
-@click.option("--preset", type=click.Choice(["default", "digits", "seed2019"]), default=None,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Named configuration: default; digits (32 px, short phases; the default for DIR = digits); "
-                   "seed2019 (the seed report's own settings: 160 px, G 128 / D 32 channels, batch 16).")
+                   "seed2019 (the seed report's own settings: 160 px, G 128 / D 32 channels, batch 16); "
+                   "cpu64 (64 px, half the channels, shorter phases: for a laptop CPU); "
+                   "gpu128 (128 px, batch 64, wider nets; use bf16); "
+                   "small (a few hundred to a few thousand images: DiffAugment, stronger R1, more epochs). "
+                   "Options given beside a preset override it.")
 @click.option("--epochs", type=int, default=None, help="Passes over the training images." + _d("epochs"))
 @click.option("--batch", type=int, default=None, help="Minibatch size." + _d("batch"))
 @click.option("--diversity", type=float, default=None,
@@ -79,6 +84,20 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
               help="Conditional training on labels: any of age,gender,race (from UTKFace file names "
                    "age_gender_race_*.jpg), or folders (one class per subfolder of DIR). Images without the labels "
                    "are skipped. [default: unconditional]")
+@click.option("--augment", default=None, metavar="OPS",
+              help="DiffAugment on D's real and fake inputs: comma list of color, translation, cutout "
+                   "('' = off)." + _d("augment"))
+@click.option("--loss", type=click.Choice(["ns", "hinge"]), default=None,
+              help="GAN loss: ns (non-saturating logistic) or hinge." + _d("loss"))
+@click.option("--diversity-layers", type=click.Choice(["last", "all"]), default=None,
+              help="Diversity gradient on the final image only (last) or also on every UpConv output (all)."
+                   + _d("diversity_layers"))
+@click.option("--r1-gamma", type=float, default=None, help="R1 penalty weight on reals; 0 = off." + _d("r1_gamma"))
+@click.option("--ema-rampup", type=float, default=None,
+              help="EMA half-life is at most this fraction of images shown; 0 = no ramp-up." + _d("ema_rampup"))
+@click.option("--pixel-norm/--no-pixel-norm", default=None, help="Pixel norm in G." + _d("pixel_norm"))
+@click.option("--eq-lr/--no-eq-lr", default=None, help="Equalised learning rate." + _d("eq_lr"))
+@click.option("--mbstd/--no-mbstd", default=None, help="Minibatch-stddev channel in D." + _d("mbstd"))
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints: move the old run folder aside and start over.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,
@@ -96,13 +115,14 @@ def train(images: str, out: str | None, preset: str | None, fresh: bool, device:
     Writes OUT/training.mkv, OUT/config.json, OUT/log.jsonl and OUT/checkpoints/epoch-NNNN.pt (+ latest).
     Running the same command again resumes; Ctrl-C saves a checkpoint and exits with 130.
     """
-    from progan.config import PRESETS
     from progan.run import train as run_train
 
     explicit = {k for k in _CONFIG_OPTIONS if options[k] is not None}
     if preset is None:
         preset = "digits" if images == "digits" and not Path(images).exists() else "default"
     requested = {**PRESETS[preset], **{k: options[k] for k in _CONFIG_OPTIONS if options[k] is not None}}
+    if "augment" in requested:   # canonical form, so resuming with the same ops in another order is no change
+        requested["augment"] = ",".join(parse_augment(requested["augment"]))
     if preset != "default":
         explicit |= set(PRESETS[preset])
     run_dir = Path(out) if out else Path("runs") / (Path(images).resolve().name or "run")

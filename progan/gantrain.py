@@ -8,12 +8,15 @@ ahead of the device; scalars are accumulated on the device and read every `log_e
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from progan import latent
+from progan.augment import diff_augment
 from progan.config import TrainConfig
 from progan.networks import Discriminator, DownBlock, FromRGB, Generator, ToRGB, UpConv, upsample2
 
@@ -78,6 +81,23 @@ def add_diversity(fake: torch.Tensor, strength: float) -> None:
     fake.register_hook(lambda g: g - push)
 
 
+@contextmanager
+def diversity_on_blocks(G: Generator, strength: float) -> Iterator[None]:
+    """diversity_layers = "all" (the seed's open question): while active, every UpConv output of G also gets the
+    diversity push, scaled like the final image's by strength / (elements of that tensor), so each layer's push
+    is the gradient of a per-element mean. The features are pixel-normed (RMS ~1 per pixel), so the seed's
+    "unit difference is ideal" scale carries over roughly. A no-op for strength 0."""
+    if strength <= 0:
+        yield
+        return
+    handles = [blk.register_forward_hook(lambda m, inp, out: add_diversity(out, strength)) for blk in G.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class NoiseController:
     """The seed's noise-controlled discriminator: epsilon rises by `step` while D rates reals much higher than fakes
     (gap > high), falls by `step` while the gap is small (< low), never below 0 nor above `maximum` (the seed had
@@ -93,6 +113,13 @@ class NoiseController:
         up = (gap > self.high).to(self.eps.dtype)
         down = (gap < self.low).to(self.eps.dtype)
         self.eps = (self.eps + self.step * (up - down)).clamp(0.0, self.maximum)
+
+
+def r1_penalty(d_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018) before its gamma / 2: the batch mean of |grad_x D(x)|^2 at the reals, kept in the
+    graph so D is trained on it."""
+    (grad,) = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+    return grad.float().square().sum((1, 2, 3)).mean()
 
 
 def ema_beta(batch: int, nimg: int, half_life: int, rampup: float) -> float:
@@ -153,6 +180,9 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
         self.noise = NoiseController(cfg.noise_high, cfg.noise_low, cfg.noise_step, self.device, cfg.noise_max)
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # DiffAugment's parameters come from the trainer's RNG (so resume repeats them); with no policy nothing is
+        # drawn and the default path consumes exactly the random numbers it always did.
+        self.augment = (lambda x: diff_augment(x, cfg.augment, self.rng)) if cfg.augment else (lambda x: x)
         # The video's latents come from their own stream and are never trained on.
         fixed_rng = torch.Generator().manual_seed(cfg.seed + 7919)
         self.fixed_z = latent.random(N_FIXED, cfg.latent_dim, generator=fixed_rng).to(self.device)
@@ -212,11 +242,12 @@ class Trainer:
 
         # Generator step: no noise, so G gets clean gradients (the seed's choice).
         self.D.requires_grad_(False)
-        with self.autocast:
+        with self.autocast, diversity_on_blocks(self.G, cfg.diversity if cfg.diversity_layers == "all" else 0.0):
             fake = self.G(z, level, alpha, labels=y).float()
         add_diversity(fake, cfg.diversity)
         with self.autocast:
-            g_loss = F.softplus(-self.D(fake, level, alpha, labels=y).float()).mean()
+            g_out = self.D(self.augment(fake), level, alpha, labels=y).float()
+            g_loss = -g_out.mean() if cfg.loss == "hinge" else F.softplus(-g_out).mean()
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
@@ -232,12 +263,16 @@ class Trainer:
         r1_step = cfg.r1_gamma > 0 and self.steps % cfg.r1_every == 0
         real_n.requires_grad_(r1_step)
         with self.autocast:
-            d_real = self.D(real_n, level, alpha, labels=y).float()
-            d_fake = self.D(fake_n, level, alpha, labels=y).float()
-        d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+            # DiffAugment acts on what D is shown, the noisy images. R1 is the gradient at the un-augmented reals
+            # through the (differentiable) augmentation, as in the reference DiffAugment-stylegan2.
+            d_real = self.D(self.augment(real_n), level, alpha, labels=y).float()
+            d_fake = self.D(self.augment(fake_n), level, alpha, labels=y).float()
+        if cfg.loss == "hinge":
+            d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+        else:
+            d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         if r1_step:
-            (grad,) = torch.autograd.grad(d_real.sum(), real_n, create_graph=True)
-            d_loss = d_loss + grad.float().square().sum((1, 2, 3)).mean() * (cfg.r1_gamma / 2 * cfg.r1_every)
+            d_loss = d_loss + r1_penalty(d_real, real_n) * (cfg.r1_gamma / 2 * cfg.r1_every)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()

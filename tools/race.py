@@ -1,0 +1,360 @@
+"""The race of issue #11: progan against the DCGAN-64 reference (progan/reference.py), on the same machine, for the
+same wall-clock budget, one after the other, scored by FID and SWD against held-out images.
+
+    python tools/race.py ../shared/UTKFace --minutes 60 [--device cuda] [--precision bf16] [--preset cpu64] --out race/
+    python tools/race.py score race/ --real ../shared/UTKFace --n 5000       # e.g. later, on a CPU machine
+
+Training: both contestants see the training part of progan.facedata.split_holdout(data, --holdout) at --size
+(64 px). Each trains for --minutes of wall-clock (time spent writing snapshots excluded) and saves its generator at
+--snapshots evenly spaced times (the last one at the end) to OUT/<contestant>/snap-KK.pt: progan's EMA generator as
+a checkpoint-format file (config, images shown, G_ema; progan's own loaders read it), DCGAN's generator weights.
+OUT/race-train.json lists the snapshots.
+
+Scoring (right after training when the Inception weights are present, unless --no-score; or `score` anywhere):
+--n faces per snapshot, FID against the held-out images' Inception statistics (cached by progan.metrics) and SWD
+against them (both sets cut to the same size, as SWD requires). progan samples at the resolution it has reached
+at that time, upsampled bilinearly to --size (align_corners=False) for both metrics: an early 4 px snapshot is
+scored as the blurry 64 px image it amounts to. DCGAN samples are always 64 px. Writes OUT/race.json (per
+contestant a list of {minutes, nimg, fid, swd}), OUT/race.png (FID and SWD against minutes) and
+OUT/<contestant>-samples.png (64 faces of the final snapshot), and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from progan import checkpoint, visualization
+from progan.config import PRESETS, TrainConfig
+from progan.errors import ProganError
+from progan.facedata import ImageBank, epoch_order, split_holdout
+from progan.gantrain import Trainer
+from progan.reference import DCGANGenerator, DCGANTrainer
+
+CONTESTANTS = ("progan", "dcgan64")
+GRID_N = 64
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Clock:
+    """Training wall-clock: runs only between start() and stop(), so snapshot time is excluded."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.total, self.t0 = device, 0.0, None
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.sync()
+        self.total += time.perf_counter() - self.t0
+        self.t0 = None
+
+    def elapsed(self) -> float:
+        return self.total + (time.perf_counter() - self.t0 if self.t0 is not None else 0.0)
+
+
+def run_contestant(name: str, step, snapshot, budget_s: float, snapshots: int, device: torch.device,
+                   check_every: int) -> list[dict]:
+    """step() trains one round and returns images shown so far; snapshot(k, nimg) saves one. Snapshots are due at
+    budget * k / snapshots (k = 1..snapshots); time is checked every `check_every` steps (a device sync on CUDA)."""
+    clock = Clock(device)
+    points: list[dict] = []
+    k, n, nimg = 1, 0, 0
+    clock.start()
+    while k <= snapshots:
+        nimg = step()
+        n += 1
+        if n % check_every and device.type == "cuda":
+            continue
+        clock.sync()
+        while k <= snapshots and clock.elapsed() >= budget_s * k / snapshots:
+            clock.stop()
+            minutes = clock.total / 60
+            # a step longer than the snapshot interval: the weights have not changed, so reuse the last file
+            saved = ({kk: points[-1][kk] for kk in ("file", "res")} if points and points[-1]["nimg"] == nimg
+                     else snapshot(k, nimg))
+            points.append({"minutes": round(minutes, 4), "nimg": nimg, "steps": n, **saved})
+            print(f"  {name:8s} snapshot {k:2d}/{snapshots}  {minutes:7.2f} min  {nimg:>10,} img  "
+                  f"{nimg / max(clock.total, 1e-9):8.1f} img/s", flush=True)
+            k += 1
+            clock.start()
+    clock.stop()
+    return points
+
+
+def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: torch.device) -> list[dict]:
+    t = Trainer(cfg, bank, device, precision=args.precision)
+
+    def step() -> int:
+        t.step()
+        return t.nimg
+
+    def snapshot(k: int, nimg: int) -> dict:
+        path = out / "progan" / f"snap-{k:02d}.pt"
+        # checkpoint format with only the EMA generator: progan.generate.load_generator reads it
+        checkpoint.atomic_write(path, lambda f: torch.save(
+            {"schema": checkpoint.SCHEMA, "config": cfg.to_dict(), "nimg": nimg, "epoch": t.epoch,
+             "G_ema": {k2: v.detach().cpu() for k2, v in t.G_ema.state_dict().items()}}, f))
+        level, _ = t.phase()
+        return {"file": str(path.relative_to(out)), "res": cfg.resolution(level)}
+
+    (out / "progan").mkdir(parents=True, exist_ok=True)
+    return run_contestant("progan", step, snapshot, args.minutes * 60, args.snapshots, device, 10)
+
+
+def train_dcgan(bank: ImageBank, out: Path, args, device: torch.device) -> list[dict]:
+    ref = DCGANTrainer(device, seed=args.seed)
+    batch = DCGANTrainer.batch
+    ipe = (len(bank) // batch) * batch
+    state = {"nimg": 0, "order": None}
+
+    def step() -> int:
+        epoch, pos = divmod(state["nimg"], ipe)
+        if state["order"] is None or state["order"][0] != epoch:
+            state["order"] = (epoch, epoch_order(len(bank), epoch, args.seed))
+        ref.step(bank.batch(state["order"][1][pos:pos + batch], DCGANTrainer.size))
+        state["nimg"] += batch
+        return state["nimg"]
+
+    def snapshot(k: int, nimg: int) -> dict:
+        path = out / "dcgan64" / f"snap-{k:02d}.pt"
+        checkpoint.atomic_write(path, lambda f: torch.save(
+            {k2: v.detach().cpu() for k2, v in ref.G.state_dict().items()}, f))
+        return {"file": str(path.relative_to(out)), "res": DCGANTrainer.size}
+
+    (out / "dcgan64").mkdir(parents=True, exist_ok=True)
+    return run_contestant("dcgan64", step, snapshot, args.minutes * 60, args.snapshots, device, 10)
+
+
+def load_split(real: str, size: int, holdout: float, allow_upscale: bool = False):
+    from progan.run import load_dataset
+
+    data = load_dataset(real, size, allow_upscale=allow_upscale, progress=False)
+    train, held = split_holdout(data, holdout)
+    return train, held
+
+
+def train(args) -> Path:
+    from progan.run import pick_device, setup_backend
+
+    device = pick_device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    setup_backend(device, args.precision)
+    out = Path(args.out)
+    cfg = TrainConfig(**{**PRESETS[args.preset], "size": args.size, "seed": args.seed})
+    if DCGANTrainer.size != args.size:
+        raise ProganError(f"the DCGAN reference is a 64 px model; --size must be 64, got {args.size}")
+    train_part, held = load_split(args.data, args.size, args.holdout, args.allow_upscale)
+    if len(train_part) < DCGANTrainer.batch or len(held) < 2:
+        raise ProganError(f"{args.data}: {len(train_part)} training and {len(held)} held-out images; need at least "
+                          f"{DCGANTrainer.batch} and 2")
+    bank = ImageBank(np.asarray(train_part.images), device)
+    desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"race: {len(train_part):,} training / {len(held):,} held-out images at {args.size} px, "
+          f"{args.minutes:g} min each on {desc} ({args.precision}); progan preset {args.preset}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "progan-race", "data": str(args.data), "size": args.size, "holdout": args.holdout,
+            "train_images": len(train_part), "heldout_images": len(held), "minutes": args.minutes,
+            "device": desc, "precision": args.precision, "preset": args.preset, "seed": args.seed,
+            "progan_config": cfg.to_dict(), "torch": torch.__version__, "contestants": {}}
+    meta["contestants"]["progan"] = train_progan(cfg, bank, out, args, device)
+    meta["contestants"]["dcgan64"] = train_dcgan(bank, out, args, device)
+    path = out / "race-train.json"
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def upsample_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """N x r x r x 3 uint8 -> N x size x size x 3, bilinear (align_corners=False), rounded."""
+    if images.shape[1] == size:
+        return images
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def sample_snapshot(contestant: str, path: Path, n: int, size: int, seed: int, device: torch.device) -> np.ndarray:
+    if contestant == "progan":
+        from progan.generate import load_generator
+
+        gen = load_generator(path, device=device)
+        return upsample_uint8(gen.sample(n, seed=seed, batch=64), size)
+    G = DCGANGenerator().to(device)
+    G.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    G.eval()   # as DCGANTrainer.sample: BatchNorm running statistics
+    rng = torch.Generator().manual_seed(seed)
+    parts = []
+    with torch.inference_mode():
+        for i in range(0, n, 64):
+            z = torch.randn(min(64, n - i), G.nz, generator=rng)
+            parts.append(visualization.to_uint8(G(z.to(device))))
+    return np.concatenate(parts)
+
+
+def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0,
+          allow_upscale: bool = False) -> dict:
+    from progan import metrics
+    from progan.run import pick_device
+
+    meta_path = out / "race-train.json"
+    if not meta_path.is_file():
+        raise ProganError(f"{out} has no race-train.json (train first: python tools/race.py DATA --out {out})")
+    meta = json.loads(meta_path.read_text())
+    device = pick_device(device_name)
+    size = int(meta["size"])
+    _, held = load_split(real, size, float(meta["holdout"]), allow_upscale)
+    if len(held) != meta["heldout_images"]:
+        print(f"warning: {real} gives {len(held)} held-out images, training saw {meta['heldout_images']}",
+              file=sys.stderr)
+    reals = np.asarray(held.images)
+    if len(reals) < 2:
+        raise ProganError(f"{real}: only {len(reals)} held-out images; FID needs at least 2")
+    net = metrics.load_inception(device)
+    stats = metrics.real_statistics(reals, device, model=net)
+    m = min(n, len(reals))   # SWD compares sets of one size
+    result = {**{k: v for k, v in meta.items() if k != "contestants"}, "n": n, "fid_real_images": len(reals),
+              "swd_images": m, "score_device": str(device), "contestants": {}}
+    for contestant in CONTESTANTS:
+        rows = []
+        for p in meta["contestants"].get(contestant, []):
+            if rows and p["file"] == meta["contestants"][contestant][len(rows) - 1]["file"]:
+                fid, swd = rows[-1]["fid"], rows[-1]["swd"]   # the same snapshot file (no step in between)
+            else:
+                fakes = sample_snapshot(contestant, out / p["file"], n, size, seed, device)
+                fid = metrics.fid_from_features(metrics.inception_features(fakes, device, model=net),
+                                                stats.features)
+                swd = metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]
+            rows.append({"minutes": p["minutes"], "nimg": p["nimg"], "res": p["res"], "fid": fid, "swd": swd})
+            print(f"  {contestant:8s} {p['minutes']:7.2f} min  {p['res']:3d} px  FID {fid:8.2f}  SWD {swd:7.2f}",
+                  flush=True)
+        result["contestants"][contestant] = rows
+        if rows:
+            last = meta["contestants"][contestant][-1]
+            grid = visualization.image_grid(sample_snapshot(contestant, out / last["file"], GRID_N, size, seed + 1,
+                                                            device), 8)
+            from PIL import Image
+
+            Image.fromarray(grid).save(out / f"{contestant}-samples.png")
+    result["notes"] = [
+        f"FID: {n} generated faces vs the {len(reals)} held-out images (low-rank exact form when either set has "
+        f"<= 2048 images); biased upward for small sets, so compare only at the same n",
+        f"SWD x1e3 (ProGAN's, average over pyramid levels) on {m} generated vs {m} held-out images",
+        f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
+    ]
+    (out / "race.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "race.png")
+    print(table(result))
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for contestant, rows in result["contestants"].items():
+        mins = [r["minutes"] for r in rows]
+        axes[0].plot(mins, [r["fid"] for r in rows], marker="o", label=contestant)
+        axes[1].plot(mins, [r["swd"] for r in rows], marker="o", label=contestant)
+    axes[0].set_ylabel(f"FID (n={result['n']} vs {result['fid_real_images']} held-out)")
+    axes[1].set_ylabel("SWD x1e3")
+    for ax in axes:
+        ax.set_xlabel("training wall-clock (min)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{result['size']} px, {result['device']} ({result['precision']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    lines = [f"{'contestant':10s} {'minutes':>8s} {'images':>11s} {'res':>4s} {'FID':>9s} {'SWD':>8s}"]
+    for contestant, rows in result["contestants"].items():
+        for r in rows:
+            lines.append(f"{contestant:10s} {r['minutes']:8.2f} {r['nimg']:11,d} {r['res']:4d} {r['fid']:9.2f} "
+                         f"{r['swd']:8.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "score":
+            p = argparse.ArgumentParser(prog="race.py score", description="Score the snapshots of a race folder.")
+            p.add_argument("out", help="the race folder (holds race-train.json)")
+            p.add_argument("--real", required=True, help="the image folder the race trained on")
+            p.add_argument("--n", type=int, default=5000, help="generated faces per snapshot [5000]")
+            p.add_argument("--device", default="auto")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--allow-upscale", action="store_true")
+            a = p.parse_args(argv[1:])
+            if a.n < 2:
+                raise ProganError(f"--n must be at least 2, got {a.n}")
+            score(Path(a.out), a.real, a.n, a.device, a.seed, a.allow_upscale)
+            return
+        p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("data", help="image folder (e.g. UTKFace)")
+        p.add_argument("--minutes", type=float, required=True, help="wall-clock training budget per contestant")
+        p.add_argument("--out", default="race", help="output folder [race]")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
+                       help="progan's forward passes [bf16 on CUDA, fp32 on CPU]; DCGAN runs without autocast, as the "
+                            "tutorial (TF32 matmuls on CUDA when this is tf32 or bf16)")
+        p.add_argument("--preset", choices=list(PRESETS), default="default", help="progan preset [default]")
+        p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px) [64]")
+        p.add_argument("--snapshots", type=int, default=10, help="snapshots per contestant [10]")
+        p.add_argument("--holdout", type=float, default=0.03, help="held-out fraction for FID [0.03]")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--n", type=int, default=5000, help="generated faces per snapshot when scoring [5000]")
+        p.add_argument("--score", dest="score", action="store_true", default=None,
+                       help="score right after training [default: when the Inception weights are present]")
+        p.add_argument("--no-score", dest="score", action="store_false")
+        p.add_argument("--allow-upscale", action="store_true")
+        a = p.parse_args(argv)
+        if a.minutes <= 0 or a.snapshots < 1:
+            raise ProganError("--minutes must be positive and --snapshots at least 1")
+        if a.score is None:
+            from progan.metrics import fid_weights_path
+
+            try:
+                fid_weights_path()
+                a.score = True
+            except ProganError:
+                a.score = False
+                print("no Inception weights here: training only; score later with "
+                      f"python tools/race.py score {a.out} --real {a.data}", file=sys.stderr)
+        out = train(a)
+        if a.score:
+            score(out, a.data, a.n, a.device, a.seed, a.allow_upscale)
+    except ProganError as e:
+        print(f"race.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
