@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from progan import latent
 from progan.config import TrainConfig
+from progan.distributed import Dist, local_batch
 from progan.networks import Discriminator, DownBlock, FromRGB, Generator, ToRGB, UpConv, upsample2
 
 N_FIXED = 32  # the training video's grid of fixed latents (8 x 4)
@@ -128,10 +129,16 @@ class Trainer:
     """Networks, optimisers, noise controller, EMA and RNG of one training run; state_dict() is the checkpoint."""
 
     def __init__(self, cfg: TrainConfig, bank, device: torch.device | str = "cpu", precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, dist: Dist | None = None):
         from progan.facedata import epoch_order  # local: facedata pulls in Pillow and friends
 
         self.cfg, self.bank, self.device = cfg, bank, torch.device(device)
+        # Multi-process (progan.distributed): cfg.batch is the global batch, this rank trains on its shard.
+        self.dist = dist
+        world, rank = (dist.world, dist.rank) if dist else (1, 0)
+        self.local_batch = local_batch(cfg.batch, world) if dist else cfg.batch
+        self._shard = slice(rank * self.local_batch, (rank + 1) * self.local_batch)
+        self._ddp: tuple[tuple[int, bool], torch.nn.Module, torch.nn.Module] | None = None
         self._epoch_order = epoch_order
         if precision not in ("fp32", "tf32", "bf16"):
             raise ValueError(f"unknown precision {precision!r}")
@@ -179,7 +186,7 @@ class Trainer:
         epoch, pos = divmod(self.nimg, self.images_per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, self._epoch_order(len(self.bank), epoch, self.cfg.seed))
-        return self._order[1][pos:pos + self.cfg.batch]
+        return self._order[1][pos:pos + self.cfg.batch][self._shard]
 
     def real_batch(self, level: int, alpha: float) -> torch.Tensor:
         real = self.bank.batch(self._batch_indices(), self.cfg.resolution(level))
@@ -188,17 +195,41 @@ class Trainer:
             real = torch.lerp(upsample2(F.avg_pool2d(real, 2)), real, alpha)
         return real
 
+    def _randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise for this rank's shard of the global batch: every rank draws the whole global batch from the shared
+        RNG and keeps its rows, so the stream does not depend on the process count."""
+        if self.dist is None:
+            return torch.randn(x.shape, generator=self.rng, device=self.device)
+        return torch.randn((self.cfg.batch, *x.shape[1:]), generator=self.rng, device=self.device)[self._shard]
+
+    def _wrapped(self, level: int, alpha: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """G and D for the training forwards: the plain networks in one process, else DDP over the parameters
+        active in this phase, rebuilt when the phase changes (see progan.distributed)."""
+        if self.dist is None:
+            return self.G, self.D
+        key = (level, level > 0 and alpha < 1.0)
+        if self._ddp is None or self._ddp[0] != key:
+            from progan.distributed import wrap
+
+            self._ddp = None  # free the old reducers first
+            self._ddp = (key, wrap(self.G, self.dist, *key), wrap(self.D, self.dist, *key))
+        return self._ddp[1], self._ddp[2]
+
     # --- one round -----------------------------------------------------------------------------------------------
     def step(self) -> None:
         cfg = self.cfg
         level, alpha = self.phase()
         real = self.real_batch(level, alpha)
         z = latent.random(cfg.batch, cfg.latent_dim, generator=self.rng, device=self.device)
+        G, D = self._wrapped(level, alpha)
+        if self.dist is not None:
+            z = z[self._shard]
 
-        # Generator step: no noise, so G gets clean gradients (the seed's choice).
+        # Generator step: no noise, so G gets clean gradients (the seed's choice). D runs unwrapped here (self.D): its
+        # weights take no gradient, so under DDP this backward must not start a D gradient sync.
         self.D.requires_grad_(False)
         with self.autocast:
-            fake = self.G(z, level, alpha).float()
+            fake = G(z, level, alpha).float()
         add_diversity(fake, cfg.diversity)
         with self.autocast:
             g_loss = F.softplus(-self.D(fake, level, alpha).float()).mean()
@@ -210,14 +241,14 @@ class Trainer:
         # Discriminator step on the same fakes, with epsilon noise on reals and fakes alike.
         fake = fake.detach()
         eps = self.noise.eps
-        real_n = real + eps * torch.randn(real.shape, generator=self.rng, device=self.device)
-        fake_n = fake + eps * torch.randn(fake.shape, generator=self.rng, device=self.device)
+        real_n = real + eps * self._randn_like(real)
+        fake_n = fake + eps * self._randn_like(fake)
         # Lazy R1 (StyleGAN2): every r1_every steps, penalise D's gradient at the reals it sees, scaled up by
         # r1_every so the average strength is gamma. It keeps D from overpowering G at higher resolutions.
         r1_step = cfg.r1_gamma > 0 and self.steps % cfg.r1_every == 0
         real_n.requires_grad_(r1_step)
         with self.autocast:
-            d_real, d_fake = self.D(real_n, level, alpha).float(), self.D(fake_n, level, alpha).float()
+            d_real, d_fake = D(real_n, level, alpha).float(), D(fake_n, level, alpha).float()
         d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         if r1_step:
             (grad,) = torch.autograd.grad(d_real.sum(), real_n, create_graph=True)
@@ -228,6 +259,9 @@ class Trainer:
 
         with torch.no_grad():
             rr, rf = torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()
+            if self.dist is not None:
+                # The ratings of the whole global batch, so every rank's noise controller picks the same epsilon.
+                rr, rf = self.dist.all_reduce_mean_(torch.stack([rr, rf])).unbind()
             self._acc += torch.stack([g_loss.detach(), d_loss.detach(), rr, rf, eps])
             self._acc_n += 1
             self.noise.update(rr, rf)
@@ -240,6 +274,8 @@ class Trainer:
         """Means since the last call; the one host sync of the loop."""
         if not self._acc_n:
             return None
+        if self.dist is not None:
+            self.dist.all_reduce_mean_(self._acc)  # losses averaged over ranks (ratings and epsilon already agree)
         v = (self._acc / self._acc_n).tolist()
         self._acc.zero_()
         self._acc_n = 0
