@@ -58,7 +58,8 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
                    "small (a few hundred to a few thousand images: DiffAugment, stronger R1, more epochs). "
                    "Options given beside a preset override it.")
 @click.option("--epochs", type=int, default=None, help="Passes over the training images." + _d("epochs"))
-@click.option("--batch", type=int, default=None, help="Minibatch size." + _d("batch"))
+@click.option("--batch", type=int, default=None,
+              help="Minibatch size; under torchrun the global batch, split evenly across processes." + _d("batch"))
 @click.option("--diversity", type=float, default=None,
               help="Strength of the seed's diversity gradient; 0 turns diversity learning off." + _d("diversity"))
 @click.option("--seed", type=int, default=None, help="Seed for weights, data order and latents." + _d("seed"))
@@ -114,7 +115,9 @@ def train(images: str, out: str | None, preset: str | None, fresh: bool, device:
 
     Writes OUT/training.mkv, OUT/config.json, OUT/log.jsonl and OUT/checkpoints/epoch-NNNN.pt (+ latest).
     Running the same command again resumes; Ctrl-C saves a checkpoint and exits with 130.
+    Several GPUs: torchrun --nproc_per_node N -m progan train ... (--batch is then the global batch).
     """
+    from progan import distributed
     from progan.run import train as run_train
 
     explicit = {k for k in _CONFIG_OPTIONS if options[k] is not None}
@@ -126,9 +129,15 @@ def train(images: str, out: str | None, preset: str | None, fresh: bool, device:
     if preset != "default":
         explicit |= set(PRESETS[preset])
     run_dir = Path(out) if out else Path("runs") / (Path(images).resolve().name or "run")
-    result = run_train(images, run_dir, requested, explicit, fresh=fresh, device=device, cache_dir=cache_dir,
-                       allow_upscale=allow_upscale, progress=not no_progress, max_steps=max_steps,
-                       precision=precision, compile=compile_)
+    dist = distributed.init(device)  # None unless launched by torchrun with several processes
+    try:
+        result = run_train(images, run_dir, requested, explicit, fresh=fresh, device=device, cache_dir=cache_dir,
+                           allow_upscale=allow_upscale, progress=not no_progress, max_steps=max_steps,
+                           precision=precision, compile=compile_, dist=dist)
+    finally:
+        distributed.shutdown(dist)
+    if dist is not None and not dist.main:
+        sys.exit(0 if result.signal is None else 128 + result.signal)  # rank 0 reports
     if result.signal is not None:
         click.echo(f"stopped by signal; resume with the same command (checkpoint {result.checkpoint})", err=True)
         sys.exit(128 + result.signal)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from progan import latent
 from progan.augment import diff_augment
 from progan.config import TrainConfig
+from progan.distributed import Dist, local_batch
 from progan.networks import Discriminator, DownBlock, FromRGB, Generator, ToRGB, UpConv, upsample2
 
 N_FIXED = 32  # the training video's grid of fixed latents (8 x 4)
@@ -155,10 +156,16 @@ class Trainer:
     """Networks, optimisers, noise controller, EMA and RNG of one training run; state_dict() is the checkpoint."""
 
     def __init__(self, cfg: TrainConfig, bank, device: torch.device | str = "cpu", precision: str = "fp32",
-                 compile: bool = False):
+                 compile: bool = False, dist: Dist | None = None):
         from progan.facedata import epoch_order  # local: facedata pulls in Pillow and friends
 
         self.cfg, self.bank, self.device = cfg, bank, torch.device(device)
+        # Multi-process (progan.distributed): cfg.batch is the global batch, this rank trains on its shard.
+        self.dist = dist
+        world, rank = (dist.world, dist.rank) if dist else (1, 0)
+        self.local_batch = local_batch(cfg.batch, world) if dist else cfg.batch
+        self._shard = slice(rank * self.local_batch, (rank + 1) * self.local_batch)
+        self._ddp: tuple[tuple[int, bool], torch.nn.Module, torch.nn.Module] | None = None
         self._epoch_order = epoch_order
         if precision not in ("fp32", "tf32", "bf16"):
             raise ValueError(f"unknown precision {precision!r}")
@@ -218,7 +225,7 @@ class Trainer:
         epoch, pos = divmod(self.nimg, self.images_per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, self._epoch_order(len(self.bank), epoch, self.cfg.seed))
-        return self._order[1][pos:pos + self.cfg.batch]
+        return self._order[1][pos:pos + self.cfg.batch][self._shard]
 
     def real_batch(self, level: int, alpha: float) -> torch.Tensor:
         real = self.bank.batch(self._batch_indices(), self.cfg.resolution(level))
@@ -231,6 +238,26 @@ class Trainer:
         """Labels of the current real batch (the same indices as real_batch)."""
         return self.bank.labels.index_select(0, self._batch_indices().to(self.bank.labels.device))
 
+    def _randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise for this rank's shard of the global batch: every rank draws the whole global batch from the shared
+        RNG and keeps its rows, so the stream does not depend on the process count."""
+        if self.dist is None:
+            return torch.randn(x.shape, generator=self.rng, device=self.device)
+        return torch.randn((self.cfg.batch, *x.shape[1:]), generator=self.rng, device=self.device)[self._shard]
+
+    def _wrapped(self, level: int, alpha: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """G and D for the training forwards: the plain networks in one process, else DDP over the parameters
+        active in this phase, rebuilt when the phase changes (see progan.distributed)."""
+        if self.dist is None:
+            return self.G, self.D
+        key = (level, level > 0 and alpha < 1.0)
+        if self._ddp is None or self._ddp[0] != key:
+            from progan.distributed import wrap
+
+            self._ddp = None  # free the old reducers first
+            self._ddp = (key, wrap(self.G, self.dist, *key), wrap(self.D, self.dist, *key))
+        return self._ddp[1], self._ddp[2]
+
     # --- one round -----------------------------------------------------------------------------------------------
     def step(self) -> None:
         cfg = self.cfg
@@ -239,11 +266,15 @@ class Trainer:
         # Conditional: fakes get the real batch's labels, so G's labels follow the data's label distribution.
         y = self.real_labels() if cfg.condition else None
         z = latent.random(cfg.batch, cfg.latent_dim, generator=self.rng, device=self.device)
+        G, D = self._wrapped(level, alpha)
+        if self.dist is not None:
+            z = z[self._shard]
 
-        # Generator step: no noise, so G gets clean gradients (the seed's choice).
+        # Generator step: no noise, so G gets clean gradients (the seed's choice). D runs unwrapped here (self.D): its
+        # weights take no gradient, so under DDP this backward must not start a D gradient sync.
         self.D.requires_grad_(False)
         with self.autocast, diversity_on_blocks(self.G, cfg.diversity if cfg.diversity_layers == "all" else 0.0):
-            fake = self.G(z, level, alpha, labels=y).float()
+            fake = G(z, level, alpha, labels=y).float()
         add_diversity(fake, cfg.diversity)
         with self.autocast:
             g_out = self.D(self.augment(fake), level, alpha, labels=y).float()
@@ -256,8 +287,8 @@ class Trainer:
         # Discriminator step on the same fakes, with epsilon noise on reals and fakes alike.
         fake = fake.detach()
         eps = self.noise.eps
-        real_n = real + eps * torch.randn(real.shape, generator=self.rng, device=self.device)
-        fake_n = fake + eps * torch.randn(fake.shape, generator=self.rng, device=self.device)
+        real_n = real + eps * self._randn_like(real)
+        fake_n = fake + eps * self._randn_like(fake)
         # Lazy R1 (StyleGAN2): every r1_every steps, penalise D's gradient at the reals it sees, scaled up by
         # r1_every so the average strength is gamma. It keeps D from overpowering G at higher resolutions.
         r1_step = cfg.r1_gamma > 0 and self.steps % cfg.r1_every == 0
@@ -265,8 +296,8 @@ class Trainer:
         with self.autocast:
             # DiffAugment acts on what D is shown, the noisy images. R1 is the gradient at the un-augmented reals
             # through the (differentiable) augmentation, as in the reference DiffAugment-stylegan2.
-            d_real = self.D(self.augment(real_n), level, alpha, labels=y).float()
-            d_fake = self.D(self.augment(fake_n), level, alpha, labels=y).float()
+            d_real = D(self.augment(real_n), level, alpha, labels=y).float()
+            d_fake = D(self.augment(fake_n), level, alpha, labels=y).float()
         if cfg.loss == "hinge":
             d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         else:
@@ -279,6 +310,9 @@ class Trainer:
 
         with torch.no_grad():
             rr, rf = torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()
+            if self.dist is not None:
+                # The ratings of the whole global batch, so every rank's noise controller picks the same epsilon.
+                rr, rf = self.dist.all_reduce_mean_(torch.stack([rr, rf])).unbind()
             self._acc += torch.stack([g_loss.detach(), d_loss.detach(), rr, rf, eps])
             self._acc_n += 1
             self.noise.update(rr, rf)
@@ -291,6 +325,8 @@ class Trainer:
         """Means since the last call; the one host sync of the loop."""
         if not self._acc_n:
             return None
+        if self.dist is not None:
+            self.dist.all_reduce_mean_(self._acc)  # losses averaged over ranks (ratings and epsilon already agree)
         v = (self._acc / self._acc_n).tolist()
         self._acc.zero_()
         self._acc_n = 0

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch
 
 from progan import checkpoint
 from progan.config import RESUMABLE_CHANGES, TrainConfig
+from progan.distributed import Dist, local_batch
 from progan.errors import ProganError
 
 
@@ -169,29 +170,41 @@ def video_cell(size: int) -> int:
 def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit: set[str] | None = None,
           fresh: bool = False, device: str = "auto", cache_dir: str | None = None, allow_upscale: bool = False,
           progress: bool = True, max_steps: int | None = None, precision: str | None = None,
-          compile: bool = False) -> RunResult:
+          compile: bool = False, dist: Dist | None = None) -> RunResult:
     """Train (or resume) the run in run_dir on the images in source until cfg.epochs epochs are done.
 
     `explicit` names the options the user actually gave (they may override a resumed run's safe options).
     `max_steps` stops early after that many steps in this session (for tests and benchmarks), with a checkpoint.
+    `dist` (from progan.distributed.init under torchrun): this is one of several processes; rank 0 resolves the
+    run and checkpoint for all and alone writes the run folder, cfg.batch is the global batch.
     """
     from progan.facedata import ImageBank, split_holdout
     from progan.gantrain import Trainer
 
     run_dir = Path(run_dir)
-    if fresh:
+    main = dist is None or dist.main
+    if fresh and main:
         moved = archive_run(run_dir)
         if moved:
             print(f"--fresh: moved the existing run to {moved}", file=sys.stderr)
-    cfg, state = resolve_config(run_dir, requested, explicit or set(), fresh=False)
-    dev = pick_device(device)
+    if dist is None:
+        cfg, state = resolve_config(run_dir, requested, explicit or set(), fresh=False)
+    else:
+        cfg, state = resolve_on_main(dist, run_dir, requested, explicit or set())
+        local_batch(cfg.batch, dist.world)  # refuse an uneven split before decoding any images
+    dev = pick_device(device) if dist is None else dist.device
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     setup_backend(dev, precision)
-    data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale, progress=progress)
+    if not main:
+        dist.barrier()  # rank 0 decodes and caches the images first; the others then read its cache
+    data = load_dataset(source, cfg.size, cache_dir=cache_dir, allow_upscale=allow_upscale, progress=progress and main)
+    if main and dist is not None:
+        dist.barrier()
     # The held-out images are never trained on: they are the real reference for evaluation (FID, memorisation).
     data, held = split_holdout(data, cfg.holdout)
-    print(f"held out {len(held):,} of {len(data) + len(held):,} images (--holdout {cfg.holdout:g}) for evaluation; "
-          f"training on {len(data):,}", file=sys.stderr)
+    if main:
+        print(f"held out {len(held):,} of {len(data) + len(held):,} images (--holdout {cfg.holdout:g}) for "
+              f"evaluation; training on {len(data):,}", file=sys.stderr)
     if len(data) < cfg.batch:
         raise ProganError(f"only {len(data)} usable training images in {source}, fewer than one batch "
                           f"(--batch {cfg.batch})")
@@ -208,7 +221,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
             raise ProganError(f"only {len(data)} usable labelled training images in {source}, fewer than one batch "
                               f"(--batch {cfg.batch})")
     bank = ImageBank(data.images, dev, labels=label_values)
-    trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile)
+    trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile, dist=dist)
     if state is not None:
         try:
             trainer.load_state_dict(state)
@@ -218,29 +231,58 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
             raise ProganError(f"cannot resume from {state['resumed_from']}: it is not a complete training checkpoint "
                               f"({what[:120]}); move it aside to resume from an earlier one, or start over with "
                               f"--fresh") from None
-        print(f"resuming {run_dir} from {Path(state['resumed_from']).name}: epoch {trainer.epoch}, "
-              f"{trainer.nimg:,} images shown", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    write_split(run_dir, source, len(data) + len(held), data.names, held.names, cfg.holdout)
+        if main:
+            print(f"resuming {run_dir} from {Path(state['resumed_from']).name}: epoch {trainer.epoch}, "
+                  f"{trainer.nimg:,} images shown", file=sys.stderr)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+        write_split(run_dir, source, len(data) + len(held), data.names, held.names, cfg.holdout)
 
     ipe = trainer.images_per_epoch
     total = cfg.epochs * ipe
     if trainer.nimg >= total:
-        print(f"{run_dir} already has {trainer.epoch} epochs; pass a larger --epochs to train on", file=sys.stderr)
+        if main:
+            print(f"{run_dir} already has {trainer.epoch} epochs; pass a larger --epochs to train on", file=sys.stderr)
         return RunResult(run_dir, trainer.epoch, trainer.nimg, None, checkpoint.latest(run_dir))
 
     evaluator = None
-    if cfg.eval_every > 0:
+    if cfg.eval_every > 0 and main:  # evaluation runs on rank 0 only; the other ranks wait at a barrier
         from progan.monitor import TrainingEval
 
         evaluator = TrainingEval(run_dir, cfg, held.images, dev, cache_dir=cache_dir, progress=progress)
     del data, held
-    session = Session(trainer, run_dir, progress, evaluator)
+    session = Session(trainer, run_dir, progress, evaluator, dist)
     with stop_signals() as stop:
         session.run(total, stop, max_steps)
     return RunResult(run_dir, trainer.epoch, trainer.nimg, stop[0] if stop else None,
                      session.last_ckpt or checkpoint.latest(run_dir))
+
+
+def resolve_on_main(dist: Dist, run_dir: Path, requested: dict[str, Any], explicit: set[str]
+                    ) -> tuple[TrainConfig, dict | None]:
+    """resolve_config on rank 0, broadcast to all ranks, so every rank starts from the same config and checkpoint
+    (the run folder need only be on rank 0's disk). A refusal on rank 0 is the same one-line error on every rank."""
+    result: Any = None
+    if dist.main:
+        try:
+            result = resolve_config(run_dir, requested, explicit, fresh=False)
+        except ProganError as e:
+            result = str(e)
+    result = dist.broadcast(result)
+    if isinstance(result, str):
+        raise ProganError(result)
+    return result
+
+
+class NoVideo:
+    """The training video on ranks other than 0: they write no files."""
+
+    def add(self, frame) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Session:
@@ -248,9 +290,13 @@ class Session:
 
     MAX_FAILURES = 3  # divergences in a row before giving up
 
-    def __init__(self, trainer, run_dir: Path, progress: bool, evaluator=None):
+    def __init__(self, trainer, run_dir: Path, progress: bool, evaluator=None, dist: Dist | None = None):
         self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
-        self.evaluator = evaluator  # monitor.TrainingEval with --eval-every, else None
+        self.evaluator = evaluator  # monitor.TrainingEval with --eval-every (rank 0 only), else None
+        # Under torchrun every rank runs this loop (same steps, same decisions); only rank 0 writes the run folder.
+        self.dist = dist
+        self.main = dist is None or dist.main
+        self.stopped = False
         self.cfg = trainer.cfg
         self.ipe = trainer.images_per_epoch
         self.cell = video_cell(self.cfg.size)
@@ -274,21 +320,21 @@ class Session:
         self.t0, self.wall0, self.paused = time.perf_counter(), t.train_seconds, 0.0
         eval_every = round(cfg.eval_every * self.ipe) if self.evaluator is not None else 0
         eval_every = max(eval_every, cfg.batch) if eval_every else 0
-        colours = CellColours(self.run_dir)
+        colours = CellColours(self.run_dir)  # opens its file at the first frame (rank 0 only)
         bar = tqdm(total=total, initial=t.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
-                   disable=not self.progress, desc=self.run_dir.name, smoothing=0.05)
-        video = visualization.TrainingVideo(self.run_dir)
+                   disable=not (self.progress and self.main), desc=self.run_dir.name, smoothing=0.05)
+        video = visualization.TrainingVideo(self.run_dir) if self.main else NoVideo()
         steps = 0
         try:
-            with open(self.run_dir / "log.jsonl", "a") as log:
-                while t.nimg < total and not stop:
+            with open(self.run_dir / "log.jsonl", "a") if self.main else nullcontext() as log:
+                while t.nimg < total and not self.stop_requested(stop):
                     t.step()
                     steps += 1
                     bar.update(cfg.batch)
                     if t.steps % cfg.log_every == 0 and not self.log(log, bar):
                         bar.n = t.nimg
                         continue  # rolled back: no frame or checkpoint from a diverged state
-                    if t.steps % cfg.video_every == 0:
+                    if t.steps % cfg.video_every == 0 and self.main:
                         video.add(self.frame(colours))
                     if eval_every and t.nimg // eval_every != (t.nimg - cfg.batch) // eval_every:
                         self.evaluate(log)
@@ -298,12 +344,16 @@ class Session:
                             continue
                         # A new video segment per epoch: training.mkv is rejoined now, so it can be watched mid-run.
                         video.close()
-                        video = visualization.TrainingVideo(self.run_dir)
+                        video = visualization.TrainingVideo(self.run_dir) if self.main else NoVideo()
                     if max_steps is not None and steps >= max_steps:
                         break
                 bar.close()
-                if t.nimg % self.ipe and (stop or max_steps is not None) and self.checkpoint(mid_epoch=True):
-                    print(f"saved {self.last_ckpt}", file=sys.stderr)
+                if t.nimg % self.ipe and (self.stopped or max_steps is not None) and self.checkpoint(mid_epoch=True):
+                    if self.main:
+                        print(f"saved {self.last_ckpt}", file=sys.stderr)
+            dump = os.environ.get("PROGAN_RANK_DUMP")
+            if dump:  # test/debug hook: every rank's final training state, to compare replicas
+                torch.save(t.state_dict(), Path(dump) / f"rank-{self.dist.rank if self.dist else 0}.pt")
         finally:
             video.close()
             colours.close()
@@ -332,6 +382,16 @@ class Session:
         # the progress bar's speed must not count the evaluation either
         self.t_last += time.perf_counter() - start
 
+    def stop_requested(self, stop: list[int]) -> bool:
+        """Whether to stop after this step. One process stops as soon as a signal came; several processes must
+        agree to stop at the same step, so they vote at log steps (already a sync point), where any rank's signal
+        stops all."""
+        if self.dist is None:
+            self.stopped = bool(stop)
+        elif self.trainer.steps % self.cfg.log_every == 0:
+            self.stopped = self.dist.any(bool(stop))
+        return self.stopped
+
     def log(self, log, bar) -> bool:
         """Read the step statistics (the loop's one host sync) and write a log line; False if it rolled back."""
         t, cfg = self.trainer, self.cfg
@@ -348,6 +408,8 @@ class Session:
                "res": cfg.resolution(level), "alpha": round(alpha, 4),
                **{k: round(v, 5) for k, v in vars(stats).items()}, "img_per_s": round(self.ips, 2),
                "time": round(time.time(), 2)}
+        if log is None:
+            return True  # not rank 0: nothing to write
         log.write(json.dumps(rec) + "\n")
         log.flush()
         bar.set_postfix_str(f"{cfg.resolution(level)}px a={alpha:.2f} eps={stats.eps:.3f} "
@@ -372,13 +434,16 @@ class Session:
     def checkpoint(self, mid_epoch: bool) -> bool:
         """Save a checkpoint unless the weights went non-finite (then roll back instead); True when saved."""
         t = self.trainer
-        if not t.finite():
+        if not (t.finite() if self.dist is None else not self.dist.any(not t.finite())):
             self.rollback("non-finite weights")
             return False
         t.train_seconds = self.wall()
+        if self.dist is not None:
+            self.dist.check_same(t.G, t.D, t.G_ema)
         state = t.state_dict()
         name = checkpoint.checkpoint_name(t.epoch, t.nimg if mid_epoch else None)
-        self.last_ckpt = checkpoint.save(state, self.run_dir / "checkpoints", name, keep=self.cfg.keep)
+        if self.main:
+            self.last_ckpt = checkpoint.save(state, self.run_dir / "checkpoints", name, keep=self.cfg.keep)
         self.good = copy.deepcopy(state)
         self.failures = 0
         return True
