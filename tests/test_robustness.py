@@ -208,7 +208,7 @@ DATA_CASES = [
     ("empty folder", "empty", [], 1, ["no images", "empty"]),
     ("only non-image files", "text-only", [], 1, ["no images", "text-only"]),
     ("only broken images", "fake", [], 1, ["no readable images", "fake-images", "2 files skipped"]),
-    ("fewer images than a batch", "few", [], 1, [f"only {BATCH - 1} usable images", "fewer than one batch",
+    ("fewer images than a batch", "few", [], 1, [f"only {BATCH - 1} usable training images", "fewer than one batch",
                                                  f"--batch {BATCH}"]),
     ("images smaller than --size", "small", [], 1, [f"smaller than {SIZE}x{SIZE}", "--allow-upscale",
                                                     f"{SIZE // 2}x{SIZE // 2}"]),

@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="per process")
     ap.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None)
     ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per case")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=17,
+                    help="untimed steps first; > r1_every so the lazy-R1 step (cuDNN autotune on CUDA) is warmed up")
     args = ap.parse_args()
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
