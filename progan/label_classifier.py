@@ -72,7 +72,7 @@ def to_input(images: np.ndarray, size: int, device: torch.device | str = "cpu") 
     """uint8 N x H x W x 3 -> float N x 3 x size x size in [-1, 1] (area-resized when H != size)."""
     if images.ndim != 4 or images.shape[3] != 3:
         raise ProganError(f"expected N x H x W x 3 images, got shape {tuple(images.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = torch.from_numpy(np.array(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.shape[2] != size or x.shape[3] != size:
         x = F.interpolate(x, size=(size, size), mode="area" if x.shape[2] > size else "bilinear",
                           align_corners=None if x.shape[2] > size else False)

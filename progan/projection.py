@@ -153,7 +153,7 @@ class Distance:
 
 def to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 H x W x 3 -> 1 x 3 x H x W float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
 
 def _mae(a: np.ndarray, b: np.ndarray) -> float:
@@ -227,7 +227,7 @@ def project(gen: FaceGenerator, target: np.ndarray, settings: ProjectionSettings
         with torch.no_grad():
             z.copy_(latent.to_sphere(z))   # stay on the sphere the generator was trained on
         if progress is not None:
-            progress(step + 1, float(loss))
+            progress(step + 1, float(loss.detach()))
 
     with torch.no_grad():
         zf = latent.to_sphere(z.detach())
