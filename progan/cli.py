@@ -360,9 +360,9 @@ def evaluate(run: str, real: str, n: int, metric_names: str, out_dir: str | None
               help="Side-by-side target | reconstruction image [default: OUT with .png].")
 @click.option("--steps", type=int, default=None, help="Optimisation steps [default: 300].")
 @click.option("--starts", type=int, default=None, help="Random latents tried for the start [default: 256].")
-@click.option("--distance", type=click.Choice(["pixel", "l1", "dfeat", "pixel+dfeat"]), default=None,
+@click.option("--distance", type=click.Choice(["pixel", "l1", "dfeat", "pixel+dfeat", "l1+dfeat"]), default=None,
               help="pixel: L2 at full and half resolution; l1: the same with L1; dfeat: the run's discriminator "
-                   "features; pixel+dfeat: both [default: pixel].")
+                   "features; pixel+dfeat, l1+dfeat: both [default: l1+dfeat; l1 for an export, which has no D].")
 @click.option("--age", type=float, default=None, help="Age label (conditional runs; else from a UTKFace name).")
 @click.option("--gender", default=None, help="male/female or 0/1 (conditional runs).")
 @click.option("--race", default=None, help="White/Black/Asian/Indian/Others or 0-4 (conditional runs).")
@@ -393,6 +393,8 @@ def project(run: str, photo: str, out: str, png: str | None, steps: int | None, 
     overrides = {k: v for k, v in (("steps", steps), ("starts", starts)) if v is not None}
     settings = P.settings_for(distance or P.DEFAULT_DISTANCE, seed=seed, **overrides)
     D = P.load_discriminator(gen) if settings.dfeat > 0 else None
+    if D is None and distance is None:
+        settings = P.settings_for(P.FALLBACK_DISTANCE, seed=seed, **overrides)
     with tqdm(total=settings.steps, unit="step", disable=no_progress, desc=Path(photo).name,
               dynamic_ncols=True) as bar:
         def tick(step: int, value: float) -> None:

@@ -12,6 +12,7 @@ from PIL import Image
 from progan import latent
 from progan import projection as P
 from progan.errors import ProganError
+from progan.generate import export
 from tiny_run import tiny_generator, write_tiny_run
 
 
@@ -110,6 +111,12 @@ def test_cli_project(tmp_path, tiny):
     with np.load(tmp_path / "me.npz") as f:
         assert f["z"].shape == (1, 16) and str(f["run"]) == "run"
     assert (tmp_path / "me.png").is_file()
+
+    # An export holds no discriminator: the default distance falls back to pixels alone.
+    export(tmp_path / "run", tmp_path / "g.safetensors")
+    r = _cli("project", "g.safetensors", "face.png", "--out", "e.npz", "--steps", "5", "--starts", "4",
+             "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "e.npz").is_file(), r.stderr
 
     (tmp_path / "notes.jpg").write_text("not an image")
     for args, words in [(("run", "missing.jpg"), "no such photo"),
