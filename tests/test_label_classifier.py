@@ -133,3 +133,22 @@ def test_fidelity_tool_refuses_unconditional_runs(tmp_path, trained):
                         str(tmp_path / "lc.pt"), "--n", "10"], env=env, capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "unconditional" in lines[0], r.stderr
+
+
+def test_label_classifier_tool(tmp_path):
+    from PIL import Image
+
+    data = coded_faces(80, seed=4)
+    folder = tmp_path / "utk"
+    folder.mkdir()
+    for i, img in enumerate(data.images):
+        a, g, r = (max(0, int(data.labels[k][i])) for k in ("age", "gender", "race"))
+        Image.fromarray(img).save(folder / f"{a}_{g}_{r}_2017{i:04d}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(TOOLS / "label_classifier.py"), str(folder), "--out",
+                        str(tmp_path / "lc.pt"), "--size", "16", "--epochs", "1", "--holdout", "0.3",
+                        "--cache-dir", str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "gender accuracy" in r.stdout and "majority baseline" in r.stdout
+    model = lc.load(tmp_path / "lc.pt")
+    assert model.size == 16 and model.info["heldout_images"] + model.info["train_images"] == 80

@@ -126,3 +126,24 @@ def test_cli_project(tmp_path, tiny):
         r = _cli("project", *args, "--out", "x.npz", "--steps", "1", cwd=tmp_path)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_project_eval_tool(tmp_path):
+    from blobs import write_blob_images
+
+    write_tiny_run(tmp_path / "run")
+    write_blob_images(tmp_path / "faces", 12, 16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "project_eval.py")
+    r = subprocess.run([sys.executable, tool, str(tmp_path / "run"), str(tmp_path / "faces"), "--k", "2",
+                        "--steps", "30", "--starts", "4", "--holdout", "0.5", "--no-inception",
+                        "--distances", "l1,l1+dfeat", "--cache-dir", str(tmp_path / "cache"),
+                        "--grid", str(tmp_path / "grid.png")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    d = res["distances"]
+    assert res["faces"] == 2 and set(d) == {"random", "l1", "l1+dfeat"}
+    assert d["l1"]["mae"] < d["random"]["mae"] and d["l1+dfeat"]["mae"] < d["random"]["mae"]
+    assert Image.open(tmp_path / "grid.png").size == (4 * 32 + 3 * 2, 2 * 32 + 2)
