@@ -202,6 +202,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
         dist.barrier()
     # The held-out images are never trained on: they are the real reference for evaluation (FID, memorisation).
     data, held = split_holdout(data, cfg.holdout)
+    n_total = len(data) + len(held)
     if main:
         print(f"held out {len(held):,} of {len(data) + len(held):,} images (--holdout {cfg.holdout:g}) for "
               f"evaluation; training on {len(data):,}", file=sys.stderr)
@@ -237,7 +238,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.json")
-        write_split(run_dir, source, len(data) + len(held), data.names, held.names, cfg.holdout)
+        write_split(run_dir, source, n_total, data.names, held.names, cfg.holdout)
 
     ipe = trainer.images_per_epoch
     total = cfg.epochs * ipe
@@ -247,7 +248,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
         return RunResult(run_dir, trainer.epoch, trainer.nimg, None, checkpoint.latest(run_dir))
 
     evaluator = None
-    if cfg.eval_every > 0 and main:  # evaluation runs on rank 0 only; the other ranks wait at a barrier
+    if cfg.eval_every > 0 and main:  # evaluation runs on rank 0 only; the others wait in their next collective
         from progan.monitor import TrainingEval
 
         evaluator = TrainingEval(run_dir, cfg, held.images, dev, cache_dir=cache_dir, progress=progress)
