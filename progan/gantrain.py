@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from progan import latent
-from progan.augment import diff_augment
+from progan import augment
 from progan.config import TrainConfig
 from progan.distributed import Dist, local_batch
 from progan.networks import Discriminator, DownBlock, FromRGB, Generator, ToRGB, UpConv, upsample2
@@ -187,9 +187,6 @@ class Trainer:
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
         self.noise = NoiseController(cfg.noise_high, cfg.noise_low, cfg.noise_step, self.device, cfg.noise_max)
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        # DiffAugment's parameters come from the trainer's RNG (so resume repeats them); with no policy nothing is
-        # drawn and the default path consumes exactly the random numbers it always did.
-        self.augment = (lambda x: diff_augment(x, cfg.augment, self.rng)) if cfg.augment else (lambda x: x)
         # The video's latents come from their own stream and are never trained on.
         fixed_rng = torch.Generator().manual_seed(cfg.seed + 7919)
         self.fixed_z = latent.random(N_FIXED, cfg.latent_dim, generator=fixed_rng).to(self.device)
@@ -244,6 +241,15 @@ class Trainer:
         if self.dist is None:
             return torch.randn(x.shape, generator=self.rng, device=self.device)
         return torch.randn((self.cfg.batch, *x.shape[1:]), generator=self.rng, device=self.device)[self._shard]
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """DiffAugment with per-sample parameters from the trainer's RNG (so resume repeats them), drawn for the
+        whole global batch with this rank keeping its rows, as for the noise: ranks do not share parameters. With
+        no policy nothing is drawn, so the default path consumes exactly the random numbers it always did."""
+        if not self.cfg.augment:
+            return x
+        p = augment.sample_params(self.cfg.augment, self.cfg.batch, x.shape[2], self.rng, x.device)
+        return augment.apply(x, {k: v[self._shard] for k, v in p.items()})
 
     def _wrapped(self, level: int, alpha: float) -> tuple[torch.nn.Module, torch.nn.Module]:
         """G and D for the training forwards: the plain networks in one process, else DDP over the parameters
