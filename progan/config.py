@@ -219,6 +219,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with a floor of 32 (a GPU can afford them; the default's 16 at 64-128 px exists for CPU speed).
     "gpu128": dict(size=128, batch=64, lr_g=1.4e-3, lr_d=1.4e-3, g_channels=(256, 256, 128, 64, 32, 32),
                    d_channels=(256, 256, 128, 64, 32, 32)),
+    # One GPU at 64 px, e.g. the 3-minute GPU race against DCGAN-64 (tools/race.py --preset gpu64): batch 128 as
+    # DCGAN's, so a launch-bound step carries 4x the images; Adam's rates scaled by sqrt(4) = 2 from the default's 1e-3
+    # at batch 32; gpu128's channel schedule cut to 64 px; phases of 50k images (64 px from 350k images, under a
+    # minute on an H100); EMA half-life 20k images (StyleGAN2-ADA's 10 kimg per 32 of batch, halved for short runs).
+    "gpu64": dict(size=64, batch=128, lr_g=2e-3, lr_d=2e-3, g_channels=(256, 256, 128, 64, 32),
+                  d_channels=(256, 256, 128, 64, 32), fade_images=50_000, stable_images=50_000,
+                  ema_half_life=20_000, epochs=100),
     # A few hundred to a few thousand images: DiffAugment with all three ops (the setting Zhao et al. use for
     # 100-shot and 1k-image sets), R1 gamma 4 instead of 1 (a D that sees few images overfits them), and 500 epochs
     # (1,000 images x 500 = 500k images shown, enough for the whole 64 px schedule; give fewer images more epochs).

@@ -202,11 +202,13 @@ def test_resume_with_changed_option_is_refused(tmp_path):
 
 
 def test_presets_are_valid_configs():
-    for name in ("cpu64", "gpu128", "small"):
+    for name in ("cpu64", "gpu64", "gpu128", "small"):
         cfg = TrainConfig(**PRESETS[name])
         assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     assert TrainConfig(**PRESETS["small"]).augment == "color,translation,cutout"
     assert TrainConfig(**PRESETS["gpu128"]).size == 128
+    gpu64 = TrainConfig(**PRESETS["gpu64"])
+    assert (gpu64.size, gpu64.batch, gpu64.levels) == (64, 128, 5) and gpu64.g_channels > TrainConfig().g_channels
     assert TrainConfig(**PRESETS["cpu64"]).g_channels < TrainConfig().g_channels
 
 
@@ -215,7 +217,7 @@ def test_train_help_lists_levers_and_presets():
                           cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     for word in ("--augment", "--loss", "--diversity-layers", "--r1-gamma", "--no-mbstd", "--no-eq-lr",
-                 "--no-pixel-norm", "--ema-rampup", "cpu64", "gpu128", "small"):
+                 "--no-pixel-norm", "--ema-rampup", "cpu64", "gpu64", "gpu128", "small"):
         assert word in proc.stdout, word
 
 

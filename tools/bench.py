@@ -6,6 +6,7 @@
 Times steady-state training steps (G step + D step, noise control and diversity on) at every resolution for
   (1) progan's default configuration at --size,
   (2) progan as the seed report ran it (preset seed2019: G 128 / D 32 channels, batch 16, up to 160 px),
+      and any other preset named in --models (e.g. gpu64, cpu64), at its own size and batch,
   (3) the PyTorch DCGAN tutorial model at 64 px (progan.reference), batch 128,
 plus the data path alone, FLOPs per image and model-FLOP utilisation. Prints a table and writes bench.json.
 """
@@ -136,7 +137,8 @@ def main() -> None:
     p.add_argument("--max-res", type=int, default=None, help="skip resolutions above this [CPU: 80, CUDA: all]")
     p.add_argument("--min-res", type=int, default=1, help="skip resolutions below this")
     p.add_argument("--models", default="default,seed2019,dcgan",
-                   help="comma list of default, seed2019, dcgan (ratios need dcgan)")
+                   help="comma list: default (at --size/--batch), dcgan, or any preset name such as seed2019, cpu64, "
+                        "gpu64 (ratios need dcgan) [default,seed2019,dcgan]")
     p.add_argument("--batch", type=int, default=None, help="progan default batch override")
     p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all cores]")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (known for H100/H200/A100)")
@@ -156,12 +158,17 @@ def main() -> None:
     print(f"device: {desc}  precision: {args.precision}  compile: {args.compile}  torch {torch.__version__}")
 
     default = TrainConfig(size=args.size, **({"batch": args.batch} if args.batch else {}))
-    seed = TrainConfig(**PRESETS["seed2019"])
-    models = set(args.models.split(","))
-    if not models <= {"default", "seed2019", "dcgan"}:
-        p.error(f"--models: unknown {sorted(models - {'default', 'seed2019', 'dcgan'})}")
-    rows = bench_progan("default", default, device, args) if "default" in models else []
-    rows += bench_progan("seed2019", seed, device, args) if "seed2019" in models else []
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    known = set(PRESETS) | {"dcgan"}
+    if not set(models) <= known:
+        p.error(f"--models: unknown {sorted(set(models) - known)} (choose from {', '.join(sorted(known))})")
+    rows = []
+    for name in models:
+        if name == "default":
+            rows += bench_progan("default", default, device, args)
+        elif name != "dcgan":
+            # any other preset at its own size and batch, e.g. seed2019 (the seed's report) or gpu64
+            rows += bench_progan(name, TrainConfig(**PRESETS[name]), device, args)
     ref = bench_dcgan(device, args) if "dcgan" in models else None
     rows += [ref] if ref else []
     data_ips = bench_data(default, device, args)
