@@ -33,6 +33,7 @@ def test_race_trains_both_and_scores(tmp_path):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     meta = json.loads((out / "race-train.json").read_text())
     assert meta["train_images"] + meta["heldout_images"] == 180 and meta["heldout_images"] >= 2
+    assert meta["complete"] is True
     for name in ("progan", "dcgan64"):
         points = meta["contestants"][name]
         assert len(points) == 2
@@ -61,3 +62,24 @@ def test_race_usage_errors(tmp_path):
     assert proc.returncode == 1 and "race-train.json" in proc.stderr and "Traceback" not in proc.stderr
     proc = _race([str(tmp_path), "--minutes", "1", "--size", "32", "--no-score"], tmp_path / "cache")
     assert proc.returncode == 1 and "64" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cut_off_race_keeps_its_snapshots(tmp_path):
+    """race-train.json is rewritten after every snapshot: a race killed midway (e.g. by a time limit) is scorable."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import torch
+
+    import race
+
+    saved: list[list[dict]] = []
+    nimg = {"n": 0}
+
+    def step() -> int:
+        nimg["n"] += 8
+        return nimg["n"]
+
+    points = race.run_contestant("x", step, lambda k, n: {"file": f"snap-{k}.pt", "res": 4}, 0.03, 3,
+                                 torch.device("cpu"), 1, record=lambda p: saved.append(list(p)))
+    assert [len(s) for s in saved] == [1, 2, 3] and saved[-1] == points
+    assert [p["file"] for p in points] == ["snap-1.pt", "snap-2.pt", "snap-3.pt"]   # every step changes nimg
+    assert points[-1]["minutes"] >= 0.03 / 60 * 0.99

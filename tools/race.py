@@ -69,9 +69,10 @@ class Clock:
 
 
 def run_contestant(name: str, step, snapshot, budget_s: float, snapshots: int, device: torch.device,
-                   check_every: int) -> list[dict]:
+                   check_every: int, record=lambda points: None) -> list[dict]:
     """step() trains one round and returns images shown so far; snapshot(k, nimg) saves one. Snapshots are due at
-    budget * k / snapshots (k = 1..snapshots); time is checked every `check_every` steps (a device sync on CUDA)."""
+    budget * k / snapshots (k = 1..snapshots); time is checked every `check_every` steps (a device sync on CUDA).
+    record(points) is called after every snapshot, so a race cut off midway keeps what it saved."""
     clock = Clock(device)
     points: list[dict] = []
     k, n, nimg = 1, 0, 0
@@ -91,13 +92,14 @@ def run_contestant(name: str, step, snapshot, budget_s: float, snapshots: int, d
             points.append({"minutes": round(minutes, 4), "nimg": nimg, "steps": n, **saved})
             print(f"  {name:8s} snapshot {k:2d}/{snapshots}  {minutes:7.2f} min  {nimg:>10,} img  "
                   f"{nimg / max(clock.total, 1e-9):8.1f} img/s", flush=True)
+            record(points)
             k += 1
             clock.start()
     clock.stop()
     return points
 
 
-def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: torch.device) -> list[dict]:
+def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: torch.device, record) -> list[dict]:
     t = Trainer(cfg, bank, device, precision=args.precision)
 
     def step() -> int:
@@ -114,10 +116,10 @@ def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: tor
         return {"file": str(path.relative_to(out)), "res": cfg.resolution(level)}
 
     (out / "progan").mkdir(parents=True, exist_ok=True)
-    return run_contestant("progan", step, snapshot, args.minutes * 60, args.snapshots, device, 10)
+    return run_contestant("progan", step, snapshot, args.minutes * 60, args.snapshots, device, 10, record)
 
 
-def train_dcgan(bank: ImageBank, out: Path, args, device: torch.device) -> list[dict]:
+def train_dcgan(bank: ImageBank, out: Path, args, device: torch.device, record) -> list[dict]:
     ref = DCGANTrainer(device, seed=args.seed)
     batch = DCGANTrainer.batch
     ipe = (len(bank) // batch) * batch
@@ -138,7 +140,7 @@ def train_dcgan(bank: ImageBank, out: Path, args, device: torch.device) -> list[
         return {"file": str(path.relative_to(out)), "res": DCGANTrainer.size}
 
     (out / "dcgan64").mkdir(parents=True, exist_ok=True)
-    return run_contestant("dcgan64", step, snapshot, args.minutes * 60, args.snapshots, device, 10)
+    return run_contestant("dcgan64", step, snapshot, args.minutes * 60, args.snapshots, device, 10, record)
 
 
 def load_split(real: str, size: int, holdout: float, allow_upscale: bool = False):
@@ -172,10 +174,19 @@ def train(args) -> Path:
             "train_images": len(train_part), "heldout_images": len(held), "minutes": args.minutes,
             "device": desc, "precision": args.precision, "preset": args.preset, "seed": args.seed,
             "progan_config": cfg.to_dict(), "torch": torch.__version__, "contestants": {}}
-    meta["contestants"]["progan"] = train_progan(cfg, bank, out, args, device)
-    meta["contestants"]["dcgan64"] = train_dcgan(bank, out, args, device)
     path = out / "race-train.json"
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    def recorder(name: str):
+        def record(points: list[dict]) -> None:   # rewritten after every snapshot: a cut-off race stays scorable
+            meta["contestants"][name] = list(points)
+            checkpoint.atomic_write(path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+        return record
+
+    meta["complete"] = False
+    meta["contestants"]["progan"] = train_progan(cfg, bank, out, args, device, recorder("progan"))
+    meta["contestants"]["dcgan64"] = train_dcgan(bank, out, args, device, recorder("dcgan64"))
+    meta["complete"] = True
+    checkpoint.atomic_write(path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     print(f"wrote {path}", flush=True)
     return out
 
