@@ -806,6 +806,17 @@ def evaluate(run: str | Path, real: str | None = None, n: int = 10_000, metrics:
     res = gen.resolution
     data = load_dataset(source, res, cache_dir=None if cache_dir is None else str(cache_dir),
                         allow_upscale=allow_upscale, progress=progress)
+    if folder is None and gen.config.holdout > 0:
+        # An exported generator or a snapshot has no heldout.txt, but its split is a pure function of the file
+        # names and the --holdout its config records: recompute it.
+        from progan.facedata import holdout_mask
+
+        held = holdout_mask(data.names, gen.config.holdout)
+        if held.sum() >= 2:
+            split, use_heldout = ({"source": source}, [nm for nm, h in zip(data.names, held) if h]), True
+            notes.append(f"held-out split recomputed from the file names of {source} (--holdout "
+                         f"{gen.config.holdout:g} of the generator's config), assuming that folder is the one it was "
+                         f"trained on")
     total = len(data)
     rng = np.random.default_rng(seed)
     if use_heldout:

@@ -314,6 +314,28 @@ def test_cli_evaluate_swd(run_dir, real_dir, tmp_path):
         assert r.returncode == 1 and len(lines) == 1 and text in lines[0], r.stderr
 
 
+def test_cli_evaluate_export_recomputes_heldout_split(run_dir, tmp_path):
+    """An exported generator has no heldout.txt; its held-out images are recomputed from the file names (a hash)
+    and the --holdout of its config, so SWD is measured against exactly those images."""
+    from progan.facedata import holdout_mask
+    from progan.generate import export
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i, img in enumerate(blobs(200, 16, 7)):
+        Image.fromarray(img).save(real / f"face{i:03d}.png")
+    names = sorted(p.name for p in real.iterdir())
+    n_held = int(holdout_mask(names, TrainConfig.holdout).sum())
+    assert n_held >= 2
+    gen = export(run_dir, tmp_path / "g.safetensors")
+    r = cli("evaluate", str(gen), "--real", str(real), "--n", "50", "--metrics", "swd", "--out-dir",
+            str(tmp_path / "out"), "--device", "cpu", "--no-progress", cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert any("recomputed" in note for note in result["notes"])
+    assert result["reference"] == "heldout" and result["n_real"] == n_held and result["metrics"]["swd"]["avg"] > 0
+
+
 def test_cli_evaluate_missing_weights(run_dir, real_dir, tmp_path):
     r = cli("evaluate", str(run_dir), "--real", str(real_dir), "--n", "4", "--metrics", "memorisation", "--no-progress",
             env={"PROGAN_FID_WEIGHTS": str(tmp_path / "none.pt")}, cache=tmp_path / "cache")
