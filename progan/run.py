@@ -204,7 +204,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
     data, held = split_holdout(data, cfg.holdout)
     n_total = len(data) + len(held)
     if main:
-        print(f"held out {len(held):,} of {len(data) + len(held):,} images (--holdout {cfg.holdout:g}) for "
+        print(f"held out {len(held):,} of {n_total:,} images (--holdout {cfg.holdout:g}) for "
               f"evaluation; training on {len(data):,}", file=sys.stderr)
     if len(data) < cfg.batch:
         raise ProganError(f"only {len(data)} usable training images in {source}, fewer than one batch "

@@ -116,17 +116,14 @@ def main() -> None:
                     continue
                 pick = np.sort(np.random.default_rng(args.seed + v).choice(members, args.group_n, replace=False))
                 ref = metrics.real_statistics(train.images[pick], "cpu", cache_dir=args.cache_dir, model=net)
+                # the same model's ordinary samples (labels of the whole data) against the group: the baseline
+                base = metrics.fid_from_features(feats[:args.group_n], ref.features)
+                fid, how = base, "ordinary samples"
                 if gen.condition and g in gen.condition:
                     y = label_rows(gen, train, args.group_n, args.seed + 100 + v, among=pick)
                     gfeats = metrics.inception_features(
                         gen.sample(args.group_n, seed=args.seed + 1 + v, labels=y), "cpu", model=net)
-                    how = "conditioned on the group"
-                else:
-                    gfeats = feats[:args.group_n]
-                    how = "ordinary samples"
-                fid = metrics.fid_from_features(gfeats, ref.features)
-                # the same model's ordinary samples (labels of the whole data) against the group: the baseline
-                base = metrics.fid_from_features(feats[:args.group_n], ref.features)
+                    fid, how = metrics.fid_from_features(gfeats, ref.features), "conditioned on the group"
                 row["groups"][f"{g}={name}"] = {"fid": fid, "fid_ordinary_samples": base, "n": args.group_n,
                                                 "how": how}
                 print(f"  {g}={name:8s} FID {fid:8.2f}  ({args.group_n} {how} vs {args.group_n} training images "
