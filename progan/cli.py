@@ -35,7 +35,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
 _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every", "log_every", "keep",
                    "fade_images", "stable_images", "lr_g", "lr_d", "ema_half_life", "latent_dim", "holdout",
                    "eval_every", "eval_n", "condition", "augment", "loss", "diversity_layers", "r1_gamma",
-                   "ema_rampup", "pixel_norm", "eq_lr", "mbstd")
+                   "ema_rampup", "pixel_norm", "eq_lr", "mbstd", "g_channels", "d_channels", "noise_step",
+                   "noise_high", "noise_low", "noise_max")
+
+
+def _parse_channels(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        channels = tuple(int(c) for c in value.split(",") if c.strip())
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma list of integers, e.g. 64,64,32,16,16") from None
+    if not channels or min(channels) < 1:
+        raise click.BadParameter(f"'{value}' needs positive channel counts, one per resolution level")
+    return channels
 
 
 def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -100,6 +113,19 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--pixel-norm/--no-pixel-norm", default=None, help="Pixel norm in G." + _d("pixel_norm"))
 @click.option("--eq-lr/--no-eq-lr", default=None, help="Equalised learning rate." + _d("eq_lr"))
 @click.option("--mbstd/--no-mbstd", default=None, help="Minibatch-stddev channel in D." + _d("mbstd"))
+@click.option("--g-channels", default=None, callback=_parse_channels, metavar="C4,C8,...",
+              help="Generator channels per resolution level, smallest first (one per level: 5 for 4..64 px). "
+                   "[default: 128 at the two smallest levels, halved per level, at least 16]")
+@click.option("--d-channels", default=None, callback=_parse_channels, metavar="C4,C8,...",
+              help="Discriminator channels per level, as --g-channels. [default: the schedule of --g-channels' default]")
+@click.option("--noise-step", type=float, default=None,
+              help="Noise control: per-step change of D's input noise epsilon; 0 turns noise control off."
+                   + _d("noise_step"))
+@click.option("--noise-high", type=float, default=None,
+              help="Noise control: raise epsilon while D(real) - D(fake) is above this." + _d("noise_high"))
+@click.option("--noise-low", type=float, default=None,
+              help="Noise control: lower epsilon while D(real) - D(fake) is below this." + _d("noise_low"))
+@click.option("--noise-max", type=float, default=None, help="Noise control: ceiling for epsilon." + _d("noise_max"))
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints: move the old run folder aside and start over.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,

@@ -155,6 +155,10 @@ class TrainConfig:
         if self.diversity_layers not in DIVERSITY_LAYERS:
             raise ProganError(f"unknown --diversity-layers '{self.diversity_layers}' "
                               f"(choose from {', '.join(DIVERSITY_LAYERS)})")
+        if self.noise_step < 0 or self.noise_max < 0:
+            raise ProganError("--noise-step and --noise-max must be >= 0 (--noise-step 0 turns noise control off)")
+        if self.noise_low > self.noise_high:
+            raise ProganError(f"--noise-low ({self.noise_low}) must not be above --noise-high ({self.noise_high})")
         if self.r1_gamma < 0 or self.r1_every < 1:
             raise ProganError("--r1-gamma must be >= 0 and r1_every >= 1")
 

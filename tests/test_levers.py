@@ -297,12 +297,23 @@ def test_cli_flags_reach_the_run_and_resume_checks_them(tmp_path):
                                "--size", "16", "--batch", "4", "--max-steps", "1", "--no-progress", *flags],
                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
+    proc = train("--g-channels", "8,8,4,4")      # 16 px has three levels (4, 8, 16 px)
+    assert proc.returncode == 1 and "g_channels needs 3 entries" in proc.stderr and "Traceback" not in proc.stderr
+    proc = train("--d-channels", "8,x,4")
+    assert proc.returncode == 2 and "not a comma list of integers" in proc.stderr
+    proc = train("--noise-low", "0.9", "--noise-high", "0.5")
+    assert proc.returncode != 0 and "--noise-low" in proc.stderr.strip().splitlines()[-1]
     proc = train("--augment", "translation,color", "--loss", "hinge", "--diversity-layers", "all", "--no-mbstd",
-                 "--r1-gamma", "3")
+                 "--r1-gamma", "3", "--g-channels", "12,8,4", "--d-channels", "8,8,6", "--noise-step", "0",
+                 "--noise-high", "0.9", "--noise-low", "0.4", "--noise-max", "0.25")
     assert proc.returncode == 0, proc.stderr
     cfg = TrainConfig.load(tmp_path / "run" / "config.json")
     assert (cfg.augment, cfg.loss, cfg.diversity_layers, cfg.mbstd, cfg.r1_gamma) == \
         ("color,translation", "hinge", "all", False, 3.0)
+    assert (cfg.g_channels, cfg.d_channels) == ((12, 8, 4), (8, 8, 6))
+    assert (cfg.noise_step, cfg.noise_high, cfg.noise_low, cfg.noise_max) == (0.0, 0.9, 0.4, 0.25)
+    proc = train("--g-channels", "16,8,4")
+    assert proc.returncode == 1 and "g_channels" in proc.stderr and "--fresh" in proc.stderr
     proc = train("--augment", "color, translation", "--loss", "hinge")
     assert proc.returncode == 0, proc.stderr
     proc = train("--loss", "ns")
