@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from progan.config import PRESETS, TrainConfig, parse_augment
+from progan.config import PRESETS, TrainConfig, auto_preset, parse_augment
 from progan.errors import ProganError
 
 
@@ -63,8 +63,10 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
               help="Run folder [default: runs/<name of DIR>]. Resumes when it holds a checkpoint.")
 @click.option("--size", type=int, default=None,
               help="Final resolution, base*2^k with a small base: 32, 64, 128, 160, 256 ..." + _d("size"))
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="Named configuration: default; digits (32 px, short phases; the default for DIR = digits); "
+@click.option("--preset", type=click.Choice(["auto", *PRESETS]), default=None,
+              help="Named configuration: auto (when none is given: cpu64 on a CPU at 64 px, gpu64 / gpu128 on a GPU "
+                   "at 64 / 128 px, default otherwise; digits for DIR = digits); default (the plain configuration); "
+                   "digits (32 px, short phases); "
                    "seed2019 (the seed report's own settings: 160 px, G 128 / D 32 channels, batch 16); "
                    "cpu64 (64 px, half the channels, shorter phases: for a laptop CPU); "
                    "gpu64 (64 px, batch 128, wider nets, 50k-image phases; use bf16); "
@@ -147,13 +149,22 @@ def train(images: str, out: str | None, preset: str | None, fresh: bool, device:
     from progan import distributed
     from progan.run import train as run_train
 
+    from progan.run import pick_device
+
     explicit = {k for k in _CONFIG_OPTIONS if options[k] is not None}
-    if preset is None:
-        preset = "digits" if images == "digits" and not Path(images).exists() else "default"
+    named = preset not in (None, "auto")
+    if preset is None and images == "digits" and not Path(images).exists():
+        preset, named = "digits", True
+    elif not named:
+        # chosen for the machine; its values count as defaults, so resuming elsewhere keeps the saved config
+        preset = auto_preset(pick_device(device).type, options["size"])
+        if preset != "default":
+            click.echo(f"preset {preset} (chosen for this machine at this size; --preset default for the plain "
+                       f"configuration)", err=True)
     requested = {**PRESETS[preset], **{k: options[k] for k in _CONFIG_OPTIONS if options[k] is not None}}
     if "augment" in requested:   # canonical form, so resuming with the same ops in another order is no change
         requested["augment"] = ",".join(parse_augment(requested["augment"]))
-    if preset != "default":
+    if named and preset != "default":
         explicit |= set(PRESETS[preset])
     run_dir = Path(out) if out else Path("runs") / (Path(images).resolve().name or "run")
     dist = distributed.init(device)  # None unless launched by torchrun with several processes

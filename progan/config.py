@@ -236,3 +236,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(augment="color,translation,cutout", r1_gamma=4.0, epochs=500),
 }
 
+
+def auto_preset(device_type: str, size: int | None) -> str:
+    """The preset `progan train` uses when none is named: the configuration measured best for the machine (README,
+    "Choosing the defaults"): cpu64 on a CPU at 64 px, gpu64 / gpu128 on a GPU at 64 / 128 px, else the plain default.
+    size None means the default size (64)."""
+    size = size or TrainConfig.__dataclass_fields__["size"].default
+    if device_type == "cuda":
+        return {64: "gpu64", 128: "gpu128"}.get(size, "default")
+    return "cpu64" if size == 64 else "default"

@@ -320,3 +320,31 @@ def test_cli_flags_reach_the_run_and_resume_checks_them(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("progan: error:") and "loss" in proc.stderr \
         and "--fresh" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_auto_preset_follows_the_machine(tmp_path):
+    """Without --preset, `progan train` takes the preset measured best for the device and size; its values count
+    as defaults (a resume keeps the saved config), while a named preset's values are explicit and checked."""
+    import os
+
+    from blobs import write_blob_images
+    from progan.config import auto_preset
+
+    assert [auto_preset("cpu", s) for s in (None, 64, 32, 128)] == ["cpu64", "cpu64", "default", "default"]
+    assert [auto_preset("cuda", s) for s in (None, 64, 128, 160)] == ["gpu64", "gpu64", "gpu128", "default"]
+    data = write_blob_images(tmp_path / "faces", 8, 64)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PROGAN_CACHE": str(tmp_path / "cache")}
+
+    def train(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "progan", "train", str(data), "--out", str(tmp_path / "run"),
+                               "--batch", "4", "--max-steps", "1", "--no-progress", "--device", "cpu", *flags],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+    proc = train()
+    assert proc.returncode == 0, proc.stderr
+    assert "preset cpu64" in proc.stderr
+    cfg = TrainConfig.load(tmp_path / "run" / "config.json")
+    assert cfg.g_channels == TrainConfig(**PRESETS["cpu64"]).g_channels and cfg.batch == 4
+    assert train("--size", "64").returncode == 0                       # the same command resumes
+    proc = train("--preset", "gpu64")
+    assert proc.returncode == 1 and "--fresh" in proc.stderr

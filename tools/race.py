@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from progan import checkpoint, visualization
-from progan.config import PRESETS, TrainConfig
+from progan.config import PRESETS, TrainConfig, auto_preset
 from progan.errors import ProganError
 from progan.facedata import ImageBank, epoch_order, split_holdout
 from progan.gantrain import Trainer
@@ -158,6 +158,8 @@ def train(args) -> Path:
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     setup_backend(device, args.precision)
     out = Path(args.out)
+    if args.preset == "auto":   # as `progan train` without --preset: the preset chosen for this machine and size
+        args.preset = auto_preset(device.type, args.size)
     cfg = TrainConfig(**{**PRESETS[args.preset], "size": args.size, "seed": args.seed})
     if DCGANTrainer.size != args.size:
         raise ProganError(f"the DCGAN reference is a 64 px model; --size must be 64, got {args.size}")
@@ -336,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
                        help="progan's forward passes [bf16 on CUDA, fp32 on CPU]; DCGAN runs without autocast, as the "
                             "tutorial (TF32 matmuls on CUDA when this is tf32 or bf16)")
-        p.add_argument("--preset", choices=list(PRESETS), default="default", help="progan preset [default]")
+        p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                       help="progan preset [auto: progan train's default for the device, cpu64 / gpu64 at 64 px]")
         p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px) [64]")
         p.add_argument("--snapshots", type=int, default=10, help="snapshots per contestant [10]")
         p.add_argument("--holdout", type=float, default=0.03, help="held-out fraction for FID [0.03]")
