@@ -45,7 +45,7 @@ EOF
 fi
 
 if [ "$PART" = cond ]; then
-  T="python3 -m progan train /tmp/utk64 --size 64 --batch 64 --fade-images 10000 --stable-images 10000 \
+  T="python3 -m progan train /tmp/utk64 --preset default --size 64 --batch 64 --fade-images 10000 --stable-images 10000 \
      --epochs 1000 --log-every 50 --no-progress --video-every 1000000 --max-steps $STEPS --device $DEV"
   python3 -c "from progan.facedata import load_folder; load_folder('/tmp/utk64', 64, progress=False)"
   timeout -s INT "$BLOCK" $T --out /tmp/runs/cond --condition age,gender,race > /tmp/logs/cond.txt 2>&1 &

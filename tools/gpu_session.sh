@@ -20,7 +20,7 @@ $B --precision bf16 --models default --min-res 64 --batch 128 --json /tmp/logs/b
 $B --precision fp32 --models default --min-res 64 --batch 128 --json /tmp/logs/bench_fp32_b128.json
 timeout 60 python3 -m torch.distributed.run --nproc_per_node 1 tools/ddp_bench.py --device cuda --size 64 --batch 32 --seconds 2 2>&1 | tail -12
 
-T="python3 -m progan train /tmp/utk64 --size 64 --batch 64 --fade-images 10000 --stable-images 10000 --epochs 1000 \
+T="python3 -m progan train /tmp/utk64 --preset default --size 64 --batch 64 --fade-images 10000 --stable-images 10000 --epochs 1000 \
    --log-every 50 --no-progress --cache-dir /tmp/cache"
 python3 -c "from progan.facedata import load_folder; load_folder('/tmp/utk64', 64, cache_dir='/tmp/cache', progress=False)"
 timeout -s INT $BLOCK $T --out /tmp/runs/cond64 --condition age,gender,race --video-every 1000000 > /tmp/logs/cond64.txt 2>&1 &
