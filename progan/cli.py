@@ -36,19 +36,28 @@ _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every"
                    "fade_images", "stable_images", "lr_g", "lr_d", "ema_half_life", "latent_dim", "holdout",
                    "eval_every", "eval_n", "condition", "augment", "loss", "diversity_layers", "r1_gamma",
                    "ema_rampup", "pixel_norm", "eq_lr", "mbstd", "g_channels", "d_channels", "noise_step",
-                   "noise_high", "noise_low", "noise_max")
+                   "noise_high", "noise_low", "noise_max", "phase_images")
 
 
-def _parse_channels(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+def _int_list(value: str | None, example: str, low: int, what: str) -> tuple[int, ...] | None:
+    """'64,64,32' -> (64, 64, 32); every entry >= low, else a usage error naming the option's example."""
     if value is None:
         return None
     try:
-        channels = tuple(int(c) for c in value.split(",") if c.strip())
+        items = tuple(int(c) for c in value.split(",") if c.strip())
     except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma list of integers, e.g. 64,64,32,16,16") from None
-    if not channels or min(channels) < 1:
-        raise click.BadParameter(f"'{value}' needs positive channel counts, one per resolution level")
-    return channels
+        raise click.BadParameter(f"'{value}' is not a comma list of integers, e.g. {example}") from None
+    if not items or min(items) < low:
+        raise click.BadParameter(f"'{value}' needs {what}, one per resolution level")
+    return items
+
+
+def _parse_channels(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    return _int_list(value, "64,64,32,16,16", 1, "positive channel counts")
+
+
+def _parse_phases(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    return _int_list(value, "4000,8000,0,0,0", 0, "image counts >= 0 (0 = --fade-images/--stable-images)")
 
 
 def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -84,6 +93,9 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--keep", type=int, default=None, help="Keep only the N newest checkpoints (0 = all)." + _d("keep"))
 @click.option("--fade-images", type=int, default=None, help="Images per fade-in phase." + _d("fade_images"))
 @click.option("--stable-images", type=int, default=None, help="Images per stable phase." + _d("stable_images"))
+@click.option("--phase-images", default=None, callback=_parse_phases, metavar="N4,N8,...",
+              help="Images of each level's fade-in and stable phase, smallest level first (one per level; 0 = "
+                   "--fade-images/--stable-images), e.g. 4000,8000,0,0,0 to pass 4 and 8 px quickly. [default: all 0]")
 @click.option("--lr-g", type=float, default=None, help="Generator learning rate." + _d("lr_g"))
 @click.option("--lr-d", type=float, default=None, help="Discriminator learning rate." + _d("lr_d"))
 @click.option("--ema-half-life", type=int, default=None, help="EMA generator half-life in images." + _d("ema_half_life"))

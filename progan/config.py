@@ -82,6 +82,7 @@ class TrainConfig:
     # progressive schedule, in images shown
     fade_images: int = 24_000
     stable_images: int = 24_000
+    phase_images: tuple[int, ...] = ()  # per level, images of its fade-in and of its stable phase; 0 or () = the two above
 
     # optimisation
     batch: int = 32
@@ -130,6 +131,10 @@ class TrainConfig:
         for name in ("g_channels", "d_channels"):
             if len(getattr(self, name)) != levels:
                 raise ProganError(f"{name} needs {levels} entries for --size {self.size}")
+        object.__setattr__(self, "phase_images", tuple(int(p) for p in self.phase_images))
+        if self.phase_images and (len(self.phase_images) != levels or min(self.phase_images) < 0):
+            raise ProganError(f"--phase-images needs {levels} entries >= 0 for --size {self.size} (0 = --fade-images/"
+                              f"--stable-images), got {','.join(map(str, self.phase_images))}")
         if self.batch < 2:
             raise ProganError("--batch must be at least 2 (diversity learning pairs samples)")
         if self.diversity < 0:
@@ -215,9 +220,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A 2-core laptop at 64 px. Half the default channels: measured on one thread (tiny random data, stable phase,
     # img/s per resolution 4/8/16/32/64 px) default 647/158/64/28/17 vs this 1383/429/181/87/30, i.e. 2-3x faster
     # at 8-32 px; batch 16 was no faster overall (995/387/176/91/36). Phases of 16k images instead of 24k: 64 px is
-    # reached after ~19 min of training at those rates instead of ~70 min.
+    # reached after ~19 min of training at those rates instead of ~70 min. 4 and 8 px pass in 4k and 8k-image
+    # phases: a face at 8 px is a few blobs of colour (real faces at 8 px score FID ~456 against 64 px ones, at 16 px
+    # ~155), so 16 px starts after ~30 s instead of ~75 s (README, "The first 10 minutes"). No equalised learning
+    # rate (as the seed): Adam's steps are then ~40x larger relative to the weights, which at these short CPU budgets
+    # gave a far lower FID (32 px ablation: 153 vs 240 at 60k images; 64 px: 164 vs 252 after 10 minutes) at the cost
+    # of about twice the EMA video's colour flicker (README, "Choosing the defaults").
     "cpu64": dict(size=64, g_channels=(64, 64, 32, 16, 16), d_channels=(64, 64, 32, 16, 16),
-                  fade_images=16_000, stable_images=16_000),
+                  fade_images=16_000, stable_images=16_000, phase_images=(4_000, 8_000, 0, 0, 0), eq_lr=False),
     # One GPU at 128 px (train with --precision bf16, the CUDA default): batch 64 keeps the GPU busy where the
     # small default nets are launch-bound; Adam's rates scaled by sqrt(2) for the doubled batch; twice the channels
     # with a floor of 32 (a GPU can afford them; the default's 16 at 64-128 px exists for CPU speed).

@@ -24,27 +24,42 @@ from progan.networks import Discriminator, DownBlock, FromRGB, Generator, ToRGB,
 N_FIXED = 32  # the training video's grid of fixed latents (8 x 4)
 
 
-def schedule(nimg: int, levels: int, fade_images: int, stable_images: int) -> tuple[int, float]:
-    """(level, alpha) after `nimg` images shown: level 0 stable, then per level a fade-in and a stable phase.
+def phase_lengths(level: int, fade_images: int, stable_images: int, phase_images: tuple[int, ...] = ()
+                  ) -> tuple[int, int]:
+    """(fade, stable) images of one level: phase_images[level] for both where it is set (> 0), else the defaults."""
+    p = phase_images[level] if level < len(phase_images) else 0
+    return (p, p) if p > 0 else (fade_images, stable_images)
+
+
+def schedule(nimg: int, levels: int, fade_images: int, stable_images: int,
+             phase_images: tuple[int, ...] = ()) -> tuple[int, float]:
+    """(level, alpha) after `nimg` images shown: level 0 stable, then per level a fade-in and a stable phase
+    (per-level lengths from phase_images where set, as StyleGAN's lod_training_kimg_dict).
 
     A pure function of the image counter, so a resumed run needs nothing but the counter.
     """
-    n = nimg - stable_images
+    n = nimg - phase_lengths(0, fade_images, stable_images, phase_images)[1]
     if n < 0:
         return 0, 1.0
     for level in range(1, levels):
-        if n < fade_images:
-            return level, n / fade_images
-        n -= fade_images
-        if level == levels - 1 or n < stable_images:
+        fade, stable = phase_lengths(level, fade_images, stable_images, phase_images)
+        if n < fade:
+            return level, n / fade
+        n -= fade
+        if level == levels - 1 or n < stable:
             return level, 1.0
-        n -= stable_images
+        n -= stable
     return levels - 1, 1.0
 
 
-def level_start(level: int, fade_images: int, stable_images: int) -> int:
+def level_start(level: int, fade_images: int, stable_images: int, phase_images: tuple[int, ...] = ()) -> int:
     """Images shown when `level` starts fading in (inverse of schedule, for README tables and tests)."""
-    return 0 if level == 0 else stable_images + (level - 1) * (fade_images + stable_images)
+    if level == 0:
+        return 0
+    start = phase_lengths(0, fade_images, stable_images, phase_images)[1]
+    for k in range(1, level):
+        start += sum(phase_lengths(k, fade_images, stable_images, phase_images))
+    return start
 
 
 def diversity_gradient(x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +231,8 @@ class Trainer:
         return self.nimg // self.images_per_epoch
 
     def phase(self) -> tuple[int, float]:
-        return schedule(self.nimg, self.cfg.levels, self.cfg.fade_images, self.cfg.stable_images)
+        return schedule(self.nimg, self.cfg.levels, self.cfg.fade_images, self.cfg.stable_images,
+                        self.cfg.phase_images)
 
     def _batch_indices(self) -> torch.Tensor:
         epoch, pos = divmod(self.nimg, self.images_per_epoch)

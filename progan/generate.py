@@ -268,7 +268,7 @@ def _build(cfg: TrainConfig, weights: dict[str, torch.Tensor], path: Path, devic
 
 
 def _phase(cfg: TrainConfig, nimg: int) -> tuple[int, float]:
-    return schedule(nimg, cfg.levels, cfg.fade_images, cfg.stable_images)
+    return schedule(nimg, cfg.levels, cfg.fade_images, cfg.stable_images, cfg.phase_images)
 
 
 def load_generator(run: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> FaceGenerator:

@@ -232,6 +232,25 @@ def test_schedule_fade_and_level_start(levels, fade, stable):
             assert level_start(lv + 1, fade, stable) == start + fade + stable
 
 
+def test_schedule_per_level_phases():
+    """phase_images[k] > 0 sets both phases of level k (level 0 has only its stable phase); 0 keeps the defaults."""
+    phases, fade, stable = (4, 8, 0, 0), 10, 7
+    # level 0: 4 stable | level 1: 8 fade + 8 stable | level 2: 10 fade + 7 stable | level 3: 10 fade, then stable
+    assert [level_start(lv, fade, stable, phases) for lv in range(4)] == [0, 4, 20, 37]
+    expect = {0: (0, 1.0), 3: (0, 1.0), 4: (1, 0.0), 8: (1, 0.5), 12: (1, 1.0), 19: (1, 1.0), 20: (2, 0.0),
+              25: (2, 0.5), 30: (2, 1.0), 36: (2, 1.0), 37: (3, 0.0), 42: (3, 0.5), 47: (3, 1.0), 10_000: (3, 1.0)}
+    assert {n: schedule(n, 4, fade, stable, phases) for n in expect} == expect
+    for n in range(0, 120, 3):   # all zeros, or none given: the uniform schedule
+        assert schedule(n, 4, fade, stable, (0, 0, 0, 0)) == schedule(n, 4, fade, stable)
+    assert TrainConfig(size=32, phase_images=(4, 8, 0, 0)).phase_images == (4, 8, 0, 0)
+    tr = Trainer(tiny_cfg(phase_images=(8, 8, 0)), tiny_bank())   # the trainer follows it: 8 px from 8 images
+    tr.step()
+    assert tr.nimg == 8 and tr.phase() == (1, 0.0) and Trainer(tiny_cfg(), tiny_bank()).phase() == (0, 1.0)
+    for bad in ((4, 8), (4, -1, 0, 0)):
+        with pytest.raises(ProganError, match="--phase-images"):
+            TrainConfig(size=32, phase_images=bad)
+
+
 def test_schedule_single_level():
     for n in (0, 1, 100, 10**6):
         assert schedule(n, 1, 10, 10) == (0, 1.0)

@@ -282,20 +282,25 @@ def test_diversity_on_all_layers_changes_the_generator_update():
     assert all(torch.equal(p, q) for p, q in zip(c.G.parameters(), d.G.parameters()))
 
 
+def _train_one_step(data, tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """`progan train DATA --out TMP/run --batch 4 --max-steps 1 FLAGS` in a subprocess, on one thread."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PROGAN_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "progan", "train", str(data), "--out", str(tmp_path / "run"),
+                           "--batch", "4", "--max-steps", "1", "--no-progress", *flags],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
 def test_cli_flags_reach_the_run_and_resume_checks_them(tmp_path):
     """`progan train` with the new flags writes them to config.json; the same command resumes (even with the
     augmentation ops in another order); a changed lever is refused in one line naming --fresh."""
-    import os
-
     from blobs import write_blob_images
 
     data = write_blob_images(tmp_path / "faces", 12, 16)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PROGAN_CACHE": str(tmp_path / "cache")}
 
     def train(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "progan", "train", str(data), "--out", str(tmp_path / "run"),
-                               "--size", "16", "--batch", "4", "--max-steps", "1", "--no-progress", *flags],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        return _train_one_step(data, tmp_path, "--size", "16", *flags)
 
     proc = train("--g-channels", "8,8,4,4")      # 16 px has three levels (4, 8, 16 px)
     assert proc.returncode == 1 and "g_channels needs 3 entries" in proc.stderr and "Traceback" not in proc.stderr
@@ -303,15 +308,18 @@ def test_cli_flags_reach_the_run_and_resume_checks_them(tmp_path):
     assert proc.returncode == 2 and "not a comma list of integers" in proc.stderr
     proc = train("--noise-low", "0.9", "--noise-high", "0.5")
     assert proc.returncode != 0 and "--noise-low" in proc.stderr.strip().splitlines()[-1]
+    proc = train("--phase-images", "4,8")
+    assert proc.returncode == 1 and "--phase-images needs 3 entries" in proc.stderr and "Traceback" not in proc.stderr
     proc = train("--augment", "translation,color", "--loss", "hinge", "--diversity-layers", "all", "--no-mbstd",
                  "--r1-gamma", "3", "--g-channels", "12,8,4", "--d-channels", "8,8,6", "--noise-step", "0",
-                 "--noise-high", "0.9", "--noise-low", "0.4", "--noise-max", "0.25")
+                 "--noise-high", "0.9", "--noise-low", "0.4", "--noise-max", "0.25", "--phase-images", "4,0,8")
     assert proc.returncode == 0, proc.stderr
     cfg = TrainConfig.load(tmp_path / "run" / "config.json")
     assert (cfg.augment, cfg.loss, cfg.diversity_layers, cfg.mbstd, cfg.r1_gamma) == \
         ("color,translation", "hinge", "all", False, 3.0)
     assert (cfg.g_channels, cfg.d_channels) == ((12, 8, 4), (8, 8, 6))
     assert (cfg.noise_step, cfg.noise_high, cfg.noise_low, cfg.noise_max) == (0.0, 0.9, 0.4, 0.25)
+    assert cfg.phase_images == (4, 0, 8)
     proc = train("--g-channels", "16,8,4")
     assert proc.returncode == 1 and "g_channels" in proc.stderr and "--fresh" in proc.stderr
     proc = train("--augment", "color, translation", "--loss", "hinge")
@@ -325,20 +333,15 @@ def test_cli_flags_reach_the_run_and_resume_checks_them(tmp_path):
 def test_auto_preset_follows_the_machine(tmp_path):
     """Without --preset, `progan train` takes the preset measured best for the device and size; its values count
     as defaults (a resume keeps the saved config), while a named preset's values are explicit and checked."""
-    import os
-
     from blobs import write_blob_images
     from progan.config import auto_preset
 
     assert [auto_preset("cpu", s) for s in (None, 64, 32, 128)] == ["cpu64", "cpu64", "default", "default"]
     assert [auto_preset("cuda", s) for s in (None, 64, 128, 160)] == ["gpu64", "gpu64", "gpu128", "default"]
     data = write_blob_images(tmp_path / "faces", 8, 64)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PROGAN_CACHE": str(tmp_path / "cache")}
 
     def train(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "progan", "train", str(data), "--out", str(tmp_path / "run"),
-                               "--batch", "4", "--max-steps", "1", "--no-progress", "--device", "cpu", *flags],
-                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+        return _train_one_step(data, tmp_path, "--device", "cpu", *flags)
 
     proc = train()
     assert proc.returncode == 0, proc.stderr

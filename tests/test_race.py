@@ -44,7 +44,7 @@ def test_race_trains_both_and_scores(tmp_path):
         assert (points[0]["file"] == points[1]["file"]) == (points[0]["nimg"] == points[1]["nimg"])
     assert not (out / "race.json").exists()
 
-    proc = _race(["score", str(out), "--real", str(data), "--n", "16"], tmp_path / "cache")
+    proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--floors"], tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     result = json.loads((out / "race.json").read_text())
     for name in ("progan", "dcgan64"):
@@ -55,6 +55,12 @@ def test_race_trains_both_and_scores(tmp_path):
         assert grid.size == (8 * 64, 8 * 64)
         assert name in proc.stdout   # the table
     assert Image.open(out / "race.png").size[0] > 0
+    # the floors: real faces at every resolution progan was scored at, and at full size
+    floors = {f["res"]: f for f in result["floors"]}
+    assert set(floors) == {r["res"] for r in result["contestants"]["progan"]} | {64}
+    assert all(f["fid"] > 0 and f["swd"] > 0 for f in floors.values())
+    if min(floors) < 64:   # blurring real faces makes them less like the held-out ones
+        assert floors[min(floors)]["swd"] > floors[64]["swd"]
 
 
 def test_race_usage_errors(tmp_path):
@@ -83,3 +89,28 @@ def test_cut_off_race_keeps_its_snapshots(tmp_path):
     assert [len(s) for s in saved] == [1, 2, 3] and saved[-1] == points
     assert [p["file"] for p in points] == ["snap-1.pt", "snap-2.pt", "snap-3.pt"]   # every step changes nimg
     assert points[-1]["minutes"] >= 0.03 / 60 * 0.99
+
+
+def test_race_one_contestant_with_a_changed_setting(tmp_path):
+    """--contestants progan trains progan alone; --set changes a config field on top of the preset and the
+    snapshots carry it (so a lever can be raced against an earlier race's DCGAN)."""
+    data = write_blob_images(tmp_path / "faces", 120, 64)
+    out = tmp_path / "race"
+    proc = _race([str(data), "--minutes", "0.02", "--snapshots", "1", "--holdout", "0.2", "--preset", "cpu64",
+                  "--contestants", "progan", "--set", "eq_lr=false", "--set", "fade_images=5000",
+                  "--out", str(out), "--no-score"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    meta = json.loads((out / "race-train.json").read_text())
+    assert list(meta["contestants"]) == ["progan"] and not (out / "dcgan64").exists()
+    assert meta["overrides"] == {"eq_lr": False, "fade_images": 5000}
+    assert meta["progan_config"]["eq_lr"] is False and meta["progan_config"]["fade_images"] == 5000
+    import torch
+
+    snap = torch.load(out / meta["contestants"]["progan"][0]["file"], weights_only=False)
+    assert snap["config"]["eq_lr"] is False
+
+    for bad in (["--set", "no_such_field=1"], ["--set", "eq_lr"], ["--contestants", "stylegan"]):
+        proc = _race([str(data), "--minutes", "0.02", "--out", str(tmp_path / "bad"), "--no-score", *bad],
+                     tmp_path / "cache")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert ("--set" in proc.stderr) or ("--contestants" in proc.stderr)

@@ -24,7 +24,7 @@ import torch
 
 from progan.config import PRESETS, TrainConfig
 from progan.facedata import ImageBank
-from progan.gantrain import Trainer, level_start
+from progan.gantrain import Trainer, level_start, phase_lengths
 from progan.reference import DCGANTrainer
 
 # Dense peak throughput in TFLOP/s, for model-FLOP utilisation (MFU). CPU peak is not knowable portably:
@@ -85,7 +85,8 @@ def bench_progan(name: str, cfg: TrainConfig, device: torch.device, args) -> lis
         if res < args.min_res:
             continue
         # Stable phase of this level (alpha = 1): the steady state a run spends most of its time in.
-        start = level_start(level, cfg.fade_images, cfg.stable_images) + (cfg.fade_images if level else 0)
+        start = level_start(level, cfg.fade_images, cfg.stable_images, cfg.phase_images) + (
+            phase_lengths(level, cfg.fade_images, cfg.stable_images, cfg.phase_images)[0] if level else 0)
 
         def step():
             trainer.nimg = start

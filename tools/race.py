@@ -16,7 +16,9 @@ against them (both sets cut to the same size, as SWD requires). progan samples a
 at that time, upsampled bilinearly to --size (align_corners=False) for both metrics: an early 4 px snapshot is
 scored as the blurry 64 px image it amounts to. DCGAN samples are always 64 px. Writes OUT/race.json (per
 contestant a list of {minutes, nimg, fid, swd}), OUT/race.png (FID and SWD against minutes) and
-OUT/<contestant>-samples.png (64 faces of the final snapshot), and prints a table.
+OUT/<contestant>-samples.png (64 faces of the final snapshot), and prints a table. `score --floors` also scores real
+training faces reduced to each resolution progan was scored at and upsampled back (a perfect snapshot at that
+resolution), drawn as dotted lines: FID punishes blur hard, so no 8 px snapshot can beat the 8 px floor.
 """
 
 from __future__ import annotations
@@ -160,13 +162,14 @@ def train(args) -> Path:
     out = Path(args.out)
     if args.preset == "auto":   # as `progan train` without --preset: the preset chosen for this machine and size
         args.preset = auto_preset(device.type, args.size)
-    cfg = TrainConfig(**{**PRESETS[args.preset], "size": args.size, "seed": args.seed})
+    cfg = TrainConfig(**{**PRESETS[args.preset], **args.overrides, "size": args.size, "seed": args.seed})
     if DCGANTrainer.size != args.size:
         raise ProganError(f"the DCGAN reference is a 64 px model; --size must be 64, got {args.size}")
     train_part, held = load_split(args.data, args.size, args.holdout, args.allow_upscale)
-    if len(train_part) < DCGANTrainer.batch or len(held) < 2:
+    need = DCGANTrainer.batch if "dcgan64" in args.contestants else cfg.batch   # one batch of the contestants
+    if len(train_part) < need or len(held) < 2:
         raise ProganError(f"{args.data}: {len(train_part)} training and {len(held)} held-out images; need at least "
-                          f"{DCGANTrainer.batch} and 2")
+                          f"{need} and 2")
     bank = ImageBank(np.asarray(train_part.images), device)
     desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"race: {len(train_part):,} training / {len(held):,} held-out images at {args.size} px, "
@@ -185,8 +188,11 @@ def train(args) -> Path:
         return record
 
     meta["complete"] = False
-    meta["contestants"]["progan"] = train_progan(cfg, bank, out, args, device, recorder("progan"))
-    meta["contestants"]["dcgan64"] = train_dcgan(bank, out, args, device, recorder("dcgan64"))
+    meta["overrides"] = args.overrides
+    if "progan" in args.contestants:
+        meta["contestants"]["progan"] = train_progan(cfg, bank, out, args, device, recorder("progan"))
+    if "dcgan64" in args.contestants:
+        meta["contestants"]["dcgan64"] = train_dcgan(bank, out, args, device, recorder("dcgan64"))
     meta["complete"] = True
     checkpoint.atomic_write(path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     print(f"wrote {path}", flush=True)
@@ -223,8 +229,36 @@ def sample_snapshot(contestant: str, path: Path, n: int, size: int, seed: int, d
     return np.concatenate(parts)
 
 
+def downsample_uint8(images: np.ndarray, res: int) -> np.ndarray:
+    """N x s x s x 3 uint8 -> N x res x res x 3 by area averaging (what a perfect res-px generator would draw)."""
+    if images.shape[1] == res:
+        return images
+    x = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=(res, res), mode="area")
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def resolution_floors(train_images: np.ndarray, reals: np.ndarray, stats, net, resolutions: list[int], n: int,
+                      m: int, seed: int, device: torch.device) -> list[dict]:
+    """FID and SWD of n real *training* faces reduced to each resolution and upsampled back as progan snapshots are:
+    what a perfect snapshot at that resolution would score at this n: an 8 px model that scores near the 8 px floor
+    has learnt what 8 px can show."""
+    from progan import metrics
+
+    size = reals.shape[1]
+    pick = np.random.default_rng(seed).choice(len(train_images), min(n, len(train_images)), replace=False)
+    base = np.asarray(train_images[np.sort(pick)])
+    rows = []
+    for res in resolutions:
+        fakes = upsample_uint8(downsample_uint8(base, res), size)
+        fid = metrics.fid_from_features(metrics.inception_features(fakes, device, model=net), stats.features)
+        swd = metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]
+        rows.append({"res": res, "fid": fid, "swd": swd})
+        print(f"  floor    real faces at {res:3d} px  FID {fid:8.2f}  SWD {swd:7.2f}", flush=True)
+    return rows
+
+
 def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0,
-          allow_upscale: bool = False) -> dict:
+          allow_upscale: bool = False, floors: bool = False) -> dict:
     from progan import metrics
     from progan.run import pick_device
 
@@ -234,7 +268,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     meta = json.loads(meta_path.read_text())
     device = pick_device(device_name)
     size = int(meta["size"])
-    _, held = load_split(real, size, float(meta["holdout"]), allow_upscale)
+    train_part, held = load_split(real, size, float(meta["holdout"]), allow_upscale)
     if len(held) != meta["heldout_images"]:
         print(f"warning: {real} gives {len(held)} held-out images, training saw {meta['heldout_images']}",
               file=sys.stderr)
@@ -267,6 +301,10 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
             from PIL import Image
 
             Image.fromarray(grid).save(out / f"{contestant}-samples.png")
+    if floors:   # every resolution progan was scored at
+        res = sorted({r["res"] for r in result["contestants"].get("progan", [])} | {size})
+        result["floors"] = resolution_floors(np.asarray(train_part.images), reals, stats, net, res, n, m, seed,
+                                             device)
     result["notes"] = [
         f"FID: {n} generated faces vs the {len(reals)} held-out images (low-rank exact form when either set has "
         f"<= 2048 images); biased upward for small sets, so compare only at the same n",
@@ -290,6 +328,11 @@ def plot(result: dict, path: Path) -> None:
         mins = [r["minutes"] for r in rows]
         axes[0].plot(mins, [r["fid"] for r in rows], marker="o", label=contestant)
         axes[1].plot(mins, [r["swd"] for r in rows], marker="o", label=contestant)
+    for i, f in enumerate(result.get("floors", [])):   # real faces at each resolution: a perfect snapshot's score
+        for ax, key in zip(axes, ("fid", "swd")):
+            ax.axhline(f[key], color="grey", ls=":", lw=1, label="real faces at 8..64 px" if i == 0 else None)
+            ax.annotate(f"{f['res']} px", (1.0, f[key]), xycoords=("axes fraction", "data"), fontsize=7,
+                        color="grey", ha="right", va="bottom")
     axes[0].set_ylabel(f"FID (n={result['n']} vs {result['fid_real_images']} held-out)")
     axes[1].set_ylabel("SWD x1e3")
     for ax in axes:
@@ -314,6 +357,32 @@ def table(result: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """['eq_lr=false', 'g_channels=64,64,32,16,16'] -> TrainConfig fields on top of the preset (JSON values; a comma
+    list for tuple fields; bare words as strings)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise ProganError(f"--set {item!r}: expected FIELD=VALUE with a TrainConfig field "
+                              f"(e.g. eq_lr=false, fade_images=8000)")
+        if key in ("size", "seed"):
+            raise ProganError(f"--set {key}: use --{key}")
+        if str(fields[key].type).startswith("tuple"):
+            out[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+            continue
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -325,10 +394,13 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--device", default="auto")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--allow-upscale", action="store_true")
+            p.add_argument("--floors", action="store_true",
+                           help="also score real training faces reduced to each snapshot resolution and upsampled "
+                                "back (what a perfect snapshot at that resolution would score); dotted lines in race.png")
             a = p.parse_args(argv[1:])
             if a.n < 2:
                 raise ProganError(f"--n must be at least 2, got {a.n}")
-            score(Path(a.out), a.real, a.n, a.device, a.seed, a.allow_upscale)
+            score(Path(a.out), a.real, a.n, a.device, a.seed, a.allow_upscale, a.floors)
             return
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("data", help="image folder (e.g. UTKFace)")
@@ -340,6 +412,11 @@ def main(argv: list[str] | None = None) -> None:
                             "tutorial (TF32 matmuls on CUDA when this is tf32 or bf16)")
         p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                        help="progan preset [auto: progan train's default for the device, cpu64 / gpu64 at 64 px]")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                       help="change one progan config field on top of the preset, e.g. --set eq_lr=false (repeatable)")
+        p.add_argument("--contestants", default=",".join(CONTESTANTS),
+                       help=f"comma list of who trains [{','.join(CONTESTANTS)}]; e.g. progan alone to try a "
+                            "setting against an earlier race's DCGAN")
         p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px) [64]")
         p.add_argument("--snapshots", type=int, default=10, help="snapshots per contestant [10]")
         p.add_argument("--holdout", type=float, default=0.03, help="held-out fraction for FID [0.03]")
@@ -352,6 +429,11 @@ def main(argv: list[str] | None = None) -> None:
         a = p.parse_args(argv)
         if a.minutes <= 0 or a.snapshots < 1:
             raise ProganError("--minutes must be positive and --snapshots at least 1")
+        a.overrides = parse_overrides(a.overrides)
+        a.contestants = tuple(c.strip() for c in a.contestants.split(",") if c.strip())
+        bad = [c for c in a.contestants if c not in CONTESTANTS]
+        if bad or not a.contestants:
+            raise ProganError(f"--contestants: unknown {bad} (choose from {', '.join(CONTESTANTS)})")
         if a.score is None:
             from progan.metrics import fid_weights_path
 
