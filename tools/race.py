@@ -328,9 +328,11 @@ def plot(result: dict, path: Path) -> None:
         mins = [r["minutes"] for r in rows]
         axes[0].plot(mins, [r["fid"] for r in rows], marker="o", label=contestant)
         axes[1].plot(mins, [r["swd"] for r in rows], marker="o", label=contestant)
-    for i, f in enumerate(result.get("floors", [])):   # real faces at each resolution: a perfect snapshot's score
+    floors = result.get("floors", [])
+    floor_label = "real faces at " + ", ".join(str(f["res"]) for f in floors) + " px"
+    for i, f in enumerate(floors):   # real faces at each resolution: a perfect snapshot's score
         for ax, key in zip(axes, ("fid", "swd")):
-            ax.axhline(f[key], color="grey", ls=":", lw=1, label="real faces at 8..64 px" if i == 0 else None)
+            ax.axhline(f[key], color="grey", ls=":", lw=1, label=floor_label if i == 0 else None)
             ax.annotate(f"{f['res']} px", (1.0, f[key]), xycoords=("axes fraction", "data"), fontsize=7,
                         color="grey", ha="right", va="bottom")
     axes[0].set_ylabel(f"FID (n={result['n']} vs {result['fid_real_images']} held-out)")
