@@ -223,10 +223,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # reached after ~19 min of training at those rates instead of ~70 min. 4 and 8 px pass in 4k and 8k-image
     # phases: a face at 8 px is a few blobs of colour (8 px snapshots scored FID 438-455 against the 64 px held-out
     # faces, more than DCGAN after one minute), so 16 px starts after ~30 s instead of ~75 s (README, "The first 10
-    # minutes"). No equalised learning
-    # rate (as the seed): Adam's steps are then ~40x larger relative to the weights, which at these short CPU budgets
-    # gave a far lower FID (32 px ablation: 153 vs 240 at 60k images; 64 px: 164 vs 252 after 10 minutes) at the cost
-    # of about twice the EMA video's colour flicker (README, "Choosing the defaults").
+    # minutes"). No equalised learning rate (as the seed): Adam's steps are then ~40x larger relative to the
+    # weights, which at these short CPU budgets gave a far lower FID (32 px ablation: 153 vs 240 at 60k images;
+    # 64 px: 164 vs 252 after 10 minutes; with the short 4/8 px phases, 45-minute race: 113 vs 146) at the cost of
+    # about twice the EMA video's colour flicker (README, "Choosing the defaults").
     "cpu64": dict(size=64, g_channels=(64, 64, 32, 16, 16), d_channels=(64, 64, 32, 16, 16),
                   fade_images=16_000, stable_images=16_000, phase_images=(4_000, 8_000, 0, 0, 0), eq_lr=False),
     # One GPU at 128 px (train with --precision bf16, the CUDA default): batch 64 keeps the GPU busy where the

@@ -384,7 +384,6 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
