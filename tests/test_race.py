@@ -62,6 +62,21 @@ def test_race_trains_both_and_scores(tmp_path):
     if min(floors) < 64:   # blurring real faces makes them less like the held-out ones
         assert floors[min(floors)]["swd"] > floors[64]["swd"]
 
+    # a second `score` reuses the kept scores (planted here so that reuse is visible) and rescores a changed file
+    kept = json.loads((out / "race-scores.json").read_text())
+    assert set(kept["entries"]) == {p["file"] for name in meta["contestants"] for p in meta["contestants"][name]}
+    first = meta["contestants"]["dcgan64"][0]["file"]
+    kept["entries"][first]["fid"] = 12345.0
+    (out / "race-scores.json").write_text(json.dumps(kept))
+    last = meta["contestants"]["progan"][-1]
+    os.utime(out / last["file"], ns=(1, 1))   # as if retrained: its kept score no longer counts
+    proc = _race(["score", str(out), "--real", str(data), "--n", "16"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    again = json.loads((out / "race.json").read_text())
+    assert again["contestants"]["dcgan64"][0]["fid"] == 12345.0 and "(cached)" in proc.stdout
+    assert again["contestants"]["progan"][-1]["fid"] == result["contestants"]["progan"][-1]["fid"]  # rescored
+    assert json.loads((out / "race-scores.json").read_text())["entries"][last["file"]]["stamp"][1] == 1
+
 
 def test_race_usage_errors(tmp_path):
     proc = _race(["score", str(tmp_path), "--real", str(tmp_path)], tmp_path / "cache")
@@ -114,3 +129,35 @@ def test_race_one_contestant_with_a_changed_setting(tmp_path):
                      tmp_path / "cache")
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert ("--set" in proc.stderr) or ("--contestants" in proc.stderr)
+
+
+def test_score_cache_resumes_only_for_the_same_setting(tmp_path):
+    """The kept scores of an interrupted `score`: reused for the same n/seed/real folder and unchanged snapshot file,
+    dropped when any of them differs, and every put is on disk at once."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import race
+
+    snap = tmp_path / "progan" / "snap-01.pt"
+    snap.parent.mkdir()
+    snap.write_bytes(b"weights")
+    cache = race.ScoreCache(tmp_path / race.SCORE_CACHE, n=500, seed=0, real="/data")
+    assert cache.get(snap) is None
+    cache.put(snap, {"fid": 101.5, "swd": 20.25})
+    assert race.ScoreCache(tmp_path / race.SCORE_CACHE, n=500, seed=0, real="/data").get(snap) == \
+        {"fid": 101.5, "swd": 20.25, "cached": True}
+    for other in ({"n": 5000, "seed": 0, "real": "/data"}, {"n": 500, "seed": 1, "real": "/data"},
+                  {"n": 500, "seed": 0, "real": "/other"}):
+        assert race.ScoreCache(tmp_path / race.SCORE_CACHE, **other).get(snap) is None
+    snap.write_bytes(b"new weights")   # a different file under the same name
+    assert race.ScoreCache(tmp_path / race.SCORE_CACHE, n=500, seed=0, real="/data").get(snap) is None
+
+
+def test_scoring_order_is_coarse_to_fine():
+    """Every snapshot once; the last first; a cut-off scoring of 60 snapshots has spanned the race after 8."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import race
+
+    for count in (0, 1, 2, 7, 60):
+        assert sorted(race.coarse_to_fine(count)) == list(range(count))
+    order = race.coarse_to_fine(60)
+    assert order[0] == 59 and sorted(order[:8]) == [7, 15, 23, 31, 39, 47, 55, 59]

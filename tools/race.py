@@ -19,6 +19,10 @@ contestant a list of {minutes, nimg, fid, swd}), OUT/race.png (FID and SWD again
 OUT/<contestant>-samples.png (64 faces of the final snapshot), and prints a table. `score --floors` also scores real
 training faces reduced to each resolution progan was scored at and upsampled back (a perfect snapshot at that
 resolution), drawn as dotted lines: FID punishes blur hard, so no 8 px snapshot can beat the 8 px floor.
+Each snapshot's scores are kept in OUT/race-scores.json as soon as they are measured: a `score` run that is
+interrupted (Ctrl-C, end of a session) continues where it stopped when run again with the same --n, --seed and --real.
+Snapshots are scored coarse to fine (the last, then every 32nd, 16th, ... one), so that the scores kept by an
+interrupted run already span the race.
 """
 
 from __future__ import annotations
@@ -202,6 +206,46 @@ def train(args) -> Path:
 # ----------------------------------------------------------------------------- scoring
 
 
+SCORE_CACHE = "race-scores.json"
+
+
+class ScoreCache:
+    """FID/SWD of each scored snapshot, written to OUT/race-scores.json after every one, so that `score` cut off
+    part-way (scoring 60 snapshots a contestant takes longer than the race on a CPU) resumes where it stopped.
+    An entry counts only for the same n, seed, real folder and snapshot file (size and mtime)."""
+
+    def __init__(self, path: Path, **setting):
+        self.path, self.setting = path, setting
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        self.entries = data.get("entries", {}) if data.get("setting") == setting else {}
+
+    def _key(self, path: Path) -> tuple[str, list[int]]:
+        st = path.stat()
+        return path.relative_to(self.path.parent).as_posix(), [st.st_size, st.st_mtime_ns]
+
+    def get(self, path: Path) -> dict | None:
+        key, stamp = self._key(path)
+        e = self.entries.get(key)
+        return {"fid": e["fid"], "swd": e["swd"], "cached": True} if e and e["stamp"] == stamp else None
+
+    def put(self, path: Path, scores: dict) -> None:
+        key, stamp = self._key(path)
+        self.entries[key] = {"stamp": stamp, "fid": float(scores["fid"]), "swd": float(scores["swd"])}
+        tmp = self.path.with_suffix(".tmp")   # write-then-rename: an interrupt never leaves half a file
+        tmp.write_text(json.dumps({"setting": self.setting, "entries": self.entries}, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+def coarse_to_fine(count: int) -> list[int]:
+    """Indices 0..count-1, the last first, then every 2**j-th (j falling): 8 -> [7, 3, 1, 5, 0, 2, 4, 6]."""
+    order = [count - 1] if count else []
+    stride = 1 << max(count.bit_length() - 1, 0)
+    while stride:
+        order += [k for k in range(stride - 1, count, stride) if k not in order]
+        stride //= 2
+    return order
+
+
 def upsample_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """N x r x r x 3 uint8 -> N x size x size x 3, bilinear (align_corners=False), rounded."""
     if images.shape[1] == size:
@@ -280,19 +324,28 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     m = min(n, len(reals))   # SWD compares sets of one size
     result = {**{k: v for k, v in meta.items() if k != "contestants"}, "n": n, "fid_real_images": len(reals),
               "swd_images": m, "score_device": str(device), "contestants": {}}
+    cache = ScoreCache(out / SCORE_CACHE, n=n, seed=seed, real=str(Path(real).resolve()))
+    snaps = {c: meta["contestants"].get(c, []) for c in CONTESTANTS}
+    # Coarse to fine, every contestant at each index: a scoring run cut off part-way has matched minutes that span
+    # the whole race in the cache.
+    for k in coarse_to_fine(max((len(v) for v in snaps.values()), default=0)):
+        for contestant in CONTESTANTS:
+            if k >= len(snaps[contestant]):
+                continue
+            p = snaps[contestant][k]
+            path = out / p["file"]
+            hit = cache.get(path)
+            if hit is None:
+                fakes = sample_snapshot(contestant, path, n, size, seed, device)
+                hit = {"fid": metrics.fid_from_features(metrics.inception_features(fakes, device, model=net),
+                                                        stats.features),
+                       "swd": metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]}
+                cache.put(path, hit)
+            print(f"  {contestant:8s} {p['minutes']:7.2f} min  {p['res']:3d} px  FID {hit['fid']:8.2f}  "
+                  f"SWD {hit['swd']:7.2f}{'  (cached)' if hit.get('cached') else ''}", flush=True)
     for contestant in CONTESTANTS:
-        rows = []
-        for p in meta["contestants"].get(contestant, []):
-            if rows and p["file"] == meta["contestants"][contestant][len(rows) - 1]["file"]:
-                fid, swd = rows[-1]["fid"], rows[-1]["swd"]   # the same snapshot file (no step in between)
-            else:
-                fakes = sample_snapshot(contestant, out / p["file"], n, size, seed, device)
-                fid = metrics.fid_from_features(metrics.inception_features(fakes, device, model=net),
-                                                stats.features)
-                swd = metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]
-            rows.append({"minutes": p["minutes"], "nimg": p["nimg"], "res": p["res"], "fid": fid, "swd": swd})
-            print(f"  {contestant:8s} {p['minutes']:7.2f} min  {p['res']:3d} px  FID {fid:8.2f}  SWD {swd:7.2f}",
-                  flush=True)
+        rows = [{"minutes": p["minutes"], "nimg": p["nimg"], "res": p["res"],
+                 **{key: cache.get(out / p["file"])[key] for key in ("fid", "swd")}} for p in snaps[contestant]]
         result["contestants"][contestant] = rows
         if rows:
             last = meta["contestants"][contestant][-1]
