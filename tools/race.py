@@ -326,6 +326,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
               "swd_images": m, "score_device": str(device), "contestants": {}}
     cache = ScoreCache(out / SCORE_CACHE, n=n, seed=seed, real=str(Path(real).resolve()))
     snaps = {c: meta["contestants"].get(c, []) for c in CONTESTANTS}
+    scored: dict[tuple[str, int], dict] = {}
     # Coarse to fine, every contestant at each index: a scoring run cut off part-way has matched minutes that span
     # the whole race in the cache.
     for k in coarse_to_fine(max((len(v) for v in snaps.values()), default=0)):
@@ -341,11 +342,12 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
                                                         stats.features),
                        "swd": metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]}
                 cache.put(path, hit)
+            scored[contestant, k] = hit
             print(f"  {contestant:8s} {p['minutes']:7.2f} min  {p['res']:3d} px  FID {hit['fid']:8.2f}  "
                   f"SWD {hit['swd']:7.2f}{'  (cached)' if hit.get('cached') else ''}", flush=True)
     for contestant in CONTESTANTS:
-        rows = [{"minutes": p["minutes"], "nimg": p["nimg"], "res": p["res"],
-                 **{key: cache.get(out / p["file"])[key] for key in ("fid", "swd")}} for p in snaps[contestant]]
+        rows = [{"minutes": p["minutes"], "nimg": p["nimg"], "res": p["res"], "fid": scored[contestant, k]["fid"],
+                 "swd": scored[contestant, k]["swd"]} for k, p in enumerate(snaps[contestant])]
         result["contestants"][contestant] = rows
         if rows:
             last = meta["contestants"][contestant][-1]
