@@ -77,6 +77,24 @@ def test_race_trains_both_and_scores(tmp_path):
     assert again["contestants"]["progan"][-1]["fid"] == result["contestants"]["progan"][-1]["fid"]  # rescored
     assert json.loads((out / "race-scores.json").read_text())["entries"][last["file"]]["stamp"][1] == 1
 
+    # progan alone with another setting, scored against this race's DCGAN: DCGAN is neither trained nor scored again
+    # (the planted score above comes back from this race's kept scores)
+    solo = tmp_path / "solo"
+    proc = _race([str(data), "--minutes", "0.04", "--snapshots", "2", "--holdout", "0.2", "--preset", "cpu64",
+                  "--contestants", "progan", "--set", "phase_images=2000,4000,8000,8000,0", "--out", str(solo),
+                  "--no-score"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = _race(["score", str(solo), "--real", str(data), "--n", "16", "--against", str(out)], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    duel = json.loads((solo / "race.json").read_text())
+    assert duel["contestants"]["dcgan64"] == again["contestants"]["dcgan64"]
+    assert duel["against"]["race"] == str(out) and duel["against"]["contestants"] == ["dcgan64"]
+    solo_meta = json.loads((solo / "race-train.json").read_text())
+    assert [r["nimg"] for r in duel["contestants"]["progan"]] == [p["nimg"] for p in solo_meta["contestants"]["progan"]]
+    assert set(json.loads((solo / "race-scores.json").read_text())["entries"]) == \
+        {p["file"] for p in solo_meta["contestants"]["progan"]}
+    assert (solo / "dcgan64-samples.png").is_file() and not (solo / "dcgan64").exists()
+
 
 def test_race_usage_errors(tmp_path):
     proc = _race(["score", str(tmp_path), "--real", str(tmp_path)], tmp_path / "cache")
@@ -150,6 +168,36 @@ def test_score_cache_resumes_only_for_the_same_setting(tmp_path):
         assert race.ScoreCache(tmp_path / race.SCORE_CACHE, **other).get(snap) is None
     snap.write_bytes(b"new weights")   # a different file under the same name
     assert race.ScoreCache(tmp_path / race.SCORE_CACHE, n=500, seed=0, real="/data").get(snap) is None
+
+
+def test_score_against_refuses_a_race_that_does_not_line_up(tmp_path):
+    """`score --against` borrows only from a race of the same data split, budget and snapshot count."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pytest
+
+    import race
+    from progan.errors import ProganError
+
+    base = {"data": str(tmp_path / "faces"), "size": 64, "holdout": 0.03, "minutes": 60.0, "train_images": 900,
+            "heldout_images": 30}
+    points = [{"minutes": k, "nimg": 100 * k, "file": f"dcgan64/snap-{k:02d}.pt", "res": 64} for k in (1, 2)]
+    ours = {**base, "contestants": {"progan": points[:2]}}
+
+    def earlier(name: str, **change) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "race-train.json").write_text(json.dumps({**base, "contestants": {"dcgan64": points}, **change}))
+        return folder
+
+    assert race.borrow(ours, earlier("same")) == {"dcgan64": points}
+    for name, change, says in (("minutes", {"minutes": 10.0}, "minutes"), ("holdout", {"holdout": 0.1}, "holdout"),
+                               ("data", {"data": str(tmp_path / "other")}, "trained on"),
+                               ("fewer", {"contestants": {"dcgan64": points[:1]}}, "snapshots"),
+                               ("none", {"contestants": {"progan": points}}, "no contestant")):
+        with pytest.raises(ProganError, match=says):
+            race.borrow(ours, earlier(name, **change))
+    with pytest.raises(ProganError, match="race-train.json"):
+        race.borrow(ours, tmp_path / "missing")
 
 
 def test_scoring_order_is_coarse_to_fine():

@@ -23,6 +23,11 @@ Each snapshot's scores are kept in OUT/race-scores.json as soon as they are meas
 interrupted (Ctrl-C, end of a session) continues where it stopped when run again with the same --n, --seed and --real.
 Snapshots are scored coarse to fine (the last, then every 32nd, 16th, ... one), so that the scores kept by an
 interrupted run already span the race.
+
+A setting can be raced against an earlier race's DCGAN without training DCGAN again: train progan alone
+(`--contestants progan --set FIELD=VALUE --out B`), then `score B --against A --real ...` scores the contestants B
+lacks from race A's snapshots (same --size, --holdout, --minutes and snapshot count, else an error), keeping their
+scores in A's race-scores.json; race.json names A and both races' machines.
 """
 
 from __future__ import annotations
@@ -301,15 +306,41 @@ def resolution_floors(train_images: np.ndarray, reals: np.ndarray, stats, net, r
     return rows
 
 
-def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0,
-          allow_upscale: bool = False, floors: bool = False) -> dict:
-    from progan import metrics
-    from progan.run import pick_device
-
+def read_meta(out: Path) -> dict:
     meta_path = out / "race-train.json"
     if not meta_path.is_file():
         raise ProganError(f"{out} has no race-train.json (train first: python tools/race.py DATA --out {out})")
-    meta = json.loads(meta_path.read_text())
+    return json.loads(meta_path.read_text())
+
+
+def borrow(meta: dict, other: Path) -> dict[str, list[dict]]:
+    """The contestants that race `meta` lacks, from the earlier race folder `other`, which must have trained on the
+    same data split for the same budget and snapshot count (else its minutes would not line up with ours)."""
+    theirs = read_meta(other)
+    for key in ("size", "holdout", "minutes", "train_images", "heldout_images"):
+        if theirs.get(key) != meta.get(key):
+            raise ProganError(f"--against {other}: it has {key} {theirs.get(key)}, this race {meta.get(key)}")
+    if Path(theirs["data"]).resolve() != Path(meta["data"]).resolve():
+        raise ProganError(f"--against {other}: it trained on {theirs['data']}, this race on {meta['data']}")
+    taken = {c: theirs["contestants"][c] for c in CONTESTANTS
+             if c not in meta["contestants"] and c in theirs["contestants"]}
+    if not taken:
+        raise ProganError(f"--against {other}: it has no contestant that this race lacks")
+    ours = sorted({len(v) for v in meta["contestants"].values()})
+    for c, points in taken.items():
+        if ours and ours != [len(points)]:
+            raise ProganError(f"--against {other}: its {c} has {len(points)} snapshots, this race "
+                              f"{'/'.join(map(str, ours))}")
+    return taken
+
+
+def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0,
+          allow_upscale: bool = False, floors: bool = False, against: Path | None = None) -> dict:
+    from progan import metrics
+    from progan.run import pick_device
+
+    meta = read_meta(out)
+    taken = borrow(meta, against) if against is not None else {}
     device = pick_device(device_name)
     size = int(meta["size"])
     train_part, held = load_split(real, size, float(meta["holdout"]), allow_upscale)
@@ -324,8 +355,17 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     m = min(n, len(reals))   # SWD compares sets of one size
     result = {**{k: v for k, v in meta.items() if k != "contestants"}, "n": n, "fid_real_images": len(reals),
               "swd_images": m, "score_device": str(device), "contestants": {}}
-    cache = ScoreCache(out / SCORE_CACHE, n=n, seed=seed, real=str(Path(real).resolve()))
-    snaps = {c: meta["contestants"].get(c, []) for c in CONTESTANTS}
+    if taken:
+        theirs = read_meta(against)
+        result["against"] = {"race": str(against), "contestants": sorted(taken), "device": theirs["device"],
+                             "precision": theirs["precision"], "torch": theirs.get("torch")}
+    setting = dict(n=n, seed=seed, real=str(Path(real).resolve()))
+    caches = {out: ScoreCache(out / SCORE_CACHE, **setting)}
+    home = {c: out for c in CONTESTANTS}   # the race folder each contestant's snapshots (and kept scores) live in
+    if taken:
+        caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
+        home.update({c: against for c in taken})
+    snaps = {c: taken.get(c) or meta["contestants"].get(c, []) for c in CONTESTANTS}
     scored: dict[tuple[str, int], dict] = {}
     # Coarse to fine, every contestant at each index: a scoring run cut off part-way has matched minutes that span
     # the whole race in the cache.
@@ -334,7 +374,8 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
             if k >= len(snaps[contestant]):
                 continue
             p = snaps[contestant][k]
-            path = out / p["file"]
+            path = home[contestant] / p["file"]
+            cache = caches[home[contestant]]
             hit = cache.get(path)
             if hit is None:
                 fakes = sample_snapshot(contestant, path, n, size, seed, device)
@@ -350,9 +391,9 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
                  "swd": scored[contestant, k]["swd"]} for k, p in enumerate(snaps[contestant])]
         result["contestants"][contestant] = rows
         if rows:
-            last = meta["contestants"][contestant][-1]
-            grid = visualization.image_grid(sample_snapshot(contestant, out / last["file"], GRID_N, size, seed + 1,
-                                                            device), 8)
+            last = snaps[contestant][-1]
+            grid = visualization.image_grid(sample_snapshot(contestant, home[contestant] / last["file"], GRID_N, size,
+                                                            seed + 1, device), 8)
             from PIL import Image
 
             Image.fromarray(grid).save(out / f"{contestant}-samples.png")
@@ -379,10 +420,13 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    borrowed = result.get("against", {})
     for contestant, rows in result["contestants"].items():
         mins = [r["minutes"] for r in rows]
-        axes[0].plot(mins, [r["fid"] for r in rows], marker="o", label=contestant)
-        axes[1].plot(mins, [r["swd"] for r in rows], marker="o", label=contestant)
+        label = (f"{contestant} (race {Path(borrowed['race']).name})" if contestant in borrowed.get("contestants", [])
+                 else contestant)
+        axes[0].plot(mins, [r["fid"] for r in rows], marker="o", label=label)
+        axes[1].plot(mins, [r["swd"] for r in rows], marker="o", label=label)
     floors = result.get("floors", [])
     floor_label = "real faces at " + ", ".join(str(f["res"]) for f in floors) + " px"
     for i, f in enumerate(floors):   # real faces at each resolution: a perfect snapshot's score
@@ -453,10 +497,14 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--floors", action="store_true",
                            help="also score real training faces reduced to each snapshot resolution and upsampled "
                                 "back (what a perfect snapshot at that resolution would score); dotted lines in race.png")
+            p.add_argument("--against", default=None, metavar="RACE",
+                           help="an earlier race folder: score the contestants this race did not train from its "
+                                "snapshots (same size, holdout, minutes and snapshot count)")
             a = p.parse_args(argv[1:])
             if a.n < 2:
                 raise ProganError(f"--n must be at least 2, got {a.n}")
-            score(Path(a.out), a.real, a.n, a.device, a.seed, a.allow_upscale, a.floors)
+            score(Path(a.out), a.real, a.n, a.device, a.seed, a.allow_upscale, a.floors,
+                  Path(a.against) if a.against else None)
             return
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("data", help="image folder (e.g. UTKFace)")
@@ -472,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
                        help="change one progan config field on top of the preset, e.g. --set eq_lr=false (repeatable)")
         p.add_argument("--contestants", default=",".join(CONTESTANTS),
                        help=f"comma list of who trains [{','.join(CONTESTANTS)}]; e.g. progan alone to try a "
-                            "setting against an earlier race's DCGAN")
+                            "setting against an earlier race's DCGAN (then: score OUT --against EARLIER)")
         p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px) [64]")
         p.add_argument("--snapshots", type=int, default=10, help="snapshots per contestant [10]")
         p.add_argument("--holdout", type=float, default=0.03, help="held-out fraction for FID [0.03]")
