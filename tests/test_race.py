@@ -77,6 +77,16 @@ def test_race_trains_both_and_scores(tmp_path):
     assert again["contestants"]["progan"][-1]["fid"] == result["contestants"]["progan"][-1]["fid"]  # rescored
     assert json.loads((out / "race-scores.json").read_text())["entries"][last["file"]]["stamp"][1] == 1
 
+    # --snapshots: only the named snapshots, in race.json and its plot; a number the race does not have is refused
+    proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--snapshots", "2"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    part = json.loads((out / "race.json").read_text())
+    assert part["snapshots_scored"] == [2]
+    for name in ("progan", "dcgan64"):
+        assert part["contestants"][name] == again["contestants"][name][1:]
+    proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--snapshots", "1-3"], tmp_path / "cache")
+    assert proc.returncode == 1 and "1-2" in proc.stderr and "Traceback" not in proc.stderr
+
     # progan alone with another setting, scored against this race's DCGAN: DCGAN is neither trained nor scored again
     # (the planted score above comes back from this race's kept scores)
     solo = tmp_path / "solo"
@@ -198,6 +208,20 @@ def test_score_against_refuses_a_race_that_does_not_line_up(tmp_path):
             race.borrow(ours, earlier(name, **change))
     with pytest.raises(ProganError, match="race-train.json"):
         race.borrow(ours, tmp_path / "missing")
+
+
+def test_snapshot_lists_name_snapshots_from_one_in_the_order_given():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import pytest
+
+    import race
+    from progan.errors import ProganError
+
+    assert race.parse_snapshot_spec("1-3,2,5", 6) == [0, 1, 2, 4]
+    assert race.parse_snapshot_spec(" 6 , 1-2", 6) == [5, 0, 1]
+    for bad in ("0", "7", "3-2", "a", "1-", ""):
+        with pytest.raises(ProganError, match="--snapshots"):
+            race.parse_snapshot_spec(bad, 6)
 
 
 def test_scoring_order_is_coarse_to_fine():

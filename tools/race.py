@@ -251,6 +251,23 @@ def coarse_to_fine(count: int) -> list[int]:
     return order
 
 
+def parse_snapshot_spec(spec: str, count: int) -> list[int]:
+    """'1-6,10,20' -> the 0-based snapshot indices [0, 1, 2, 3, 4, 5, 9, 19], in the order given (a repeat counts once);
+    numbers as in the snapshot files (snap-01.pt is 1), each between 1 and count."""
+    picked: list[int] = []
+    for part in (x.strip() for x in spec.split(",")):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise ProganError(f"--snapshots {spec!r}: expected numbers and ranges such as 1-6,10,20") from None
+        if not 1 <= first <= last <= count:
+            raise ProganError(f"--snapshots {spec!r}: {part} is outside 1-{count} (this race has {count} snapshots "
+                              f"a contestant)")
+        picked += [k - 1 for k in range(first, last + 1) if k - 1 not in picked]
+    return picked
+
+
 def upsample_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """N x r x r x 3 uint8 -> N x size x size x 3, bilinear (align_corners=False), rounded."""
     if images.shape[1] == size:
@@ -335,12 +352,18 @@ def borrow(meta: dict, other: Path) -> dict[str, list[dict]]:
 
 
 def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0,
-          allow_upscale: bool = False, floors: bool = False, against: Path | None = None) -> dict:
+          allow_upscale: bool = False, floors: bool = False, against: Path | None = None,
+          only: str | None = None) -> dict:
     from progan import metrics
     from progan.run import pick_device
 
     meta = read_meta(out)
     taken = borrow(meta, against) if against is not None else {}
+    snaps = {c: taken.get(c) or meta["contestants"].get(c, []) for c in CONTESTANTS}
+    count = max((len(v) for v in snaps.values()), default=0)
+    # Coarse to fine, every contestant at each index: a scoring run cut off part-way has matched minutes that span
+    # the whole race in the cache. --snapshots: only those, in the order given (e.g. the minutes in question first).
+    order = parse_snapshot_spec(only, count) if only else coarse_to_fine(count)
     device = pick_device(device_name)
     size = int(meta["size"])
     train_part, held = load_split(real, size, float(meta["holdout"]), allow_upscale)
@@ -365,11 +388,10 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     if taken:
         caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
         home.update({c: against for c in taken})
-    snaps = {c: taken.get(c) or meta["contestants"].get(c, []) for c in CONTESTANTS}
+    if only:
+        result["snapshots_scored"] = [k + 1 for k in sorted(order)]
     scored: dict[tuple[str, int], dict] = {}
-    # Coarse to fine, every contestant at each index: a scoring run cut off part-way has matched minutes that span
-    # the whole race in the cache.
-    for k in coarse_to_fine(max((len(v) for v in snaps.values()), default=0)):
+    for k in order:
         for contestant in CONTESTANTS:
             if k >= len(snaps[contestant]):
                 continue
@@ -388,7 +410,8 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
                   f"SWD {hit['swd']:7.2f}{'  (cached)' if hit.get('cached') else ''}", flush=True)
     for contestant in CONTESTANTS:
         rows = [{"minutes": p["minutes"], "nimg": p["nimg"], "res": p["res"], "fid": scored[contestant, k]["fid"],
-                 "swd": scored[contestant, k]["swd"]} for k, p in enumerate(snaps[contestant])]
+                 "swd": scored[contestant, k]["swd"]} for k, p in enumerate(snaps[contestant])
+                if (contestant, k) in scored]
         result["contestants"][contestant] = rows
         if rows:
             last = snaps[contestant][-1]
@@ -407,6 +430,8 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
         f"SWD x1e3 (ProGAN's, average over pyramid levels) on {m} generated vs {m} held-out images",
         f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
     ]
+    if only:
+        result["notes"].append(f"only snapshots {only} of {count} scored (--snapshots)")
     (out / "race.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "race.png")
     print(table(result))
@@ -500,11 +525,14 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--against", default=None, metavar="RACE",
                            help="an earlier race folder: score the contestants this race did not train from its "
                                 "snapshots (same size, holdout, minutes and snapshot count)")
+            p.add_argument("--snapshots", default=None, metavar="LIST",
+                           help="score only these snapshot numbers, in this order, e.g. 1-6,10,20,30 (a long race in "
+                                "parts; kept scores are reused) [all, coarse to fine]")
             a = p.parse_args(argv[1:])
             if a.n < 2:
                 raise ProganError(f"--n must be at least 2, got {a.n}")
             score(Path(a.out), a.real, a.n, a.device, a.seed, a.allow_upscale, a.floors,
-                  Path(a.against) if a.against else None)
+                  Path(a.against) if a.against else None, a.snapshots)
             return
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("data", help="image folder (e.g. UTKFace)")
