@@ -61,7 +61,8 @@ def test_labels_steer_the_generator_and_the_same_label_repeats():
             out = G(z, labels=torch.tensor([a, b]))
             assert (out[0] - out[1]).abs().max() > 1e-3, (a, b)
         same = G(z, labels=torch.tensor([[33.0, 1, 2], [33.0, 1, 2]]))
-        assert torch.equal(same[0], same[1])
+        # equal up to float rounding: torch >= 2.14 may compute two rows of one batch along different kernel paths
+        torch.testing.assert_close(same[0], same[1], rtol=0, atol=1e-5)
         # Age is continuous and smooth: a year apart changes the image less than fifty years apart.
         ages = G(z[:1].expand(3, -1), labels=torch.tensor([[30.0, 0, 0], [31.0, 0, 0], [80.0, 0, 0]]))
         assert (ages[0] - ages[1]).abs().mean() < (ages[0] - ages[2]).abs().mean()
