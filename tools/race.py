@@ -363,7 +363,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     count = max((len(v) for v in snaps.values()), default=0)
     # Coarse to fine, every contestant at each index: a scoring run cut off part-way has matched minutes that span
     # the whole race in the cache. --snapshots: only those, in the order given (e.g. the minutes in question first).
-    order = parse_snapshot_spec(only, count) if only else coarse_to_fine(count)
+    order = parse_snapshot_spec(only, count) if only is not None else coarse_to_fine(count)
     device = pick_device(device_name)
     size = int(meta["size"])
     train_part, held = load_split(real, size, float(meta["holdout"]), allow_upscale)
@@ -388,7 +388,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     if taken:
         caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
         home.update({c: against for c in taken})
-    if only:
+    if only is not None:
         result["snapshots_scored"] = [k + 1 for k in sorted(order)]
     scored: dict[tuple[str, int], dict] = {}
     for k in order:
@@ -430,7 +430,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
         f"SWD x1e3 (ProGAN's, average over pyramid levels) on {m} generated vs {m} held-out images",
         f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
     ]
-    if only:
+    if only is not None:
         result["notes"].append(f"only snapshots {only} of {count} scored (--snapshots)")
     (out / "race.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "race.png")
