@@ -110,6 +110,13 @@ def run_contestant(name: str, step, snapshot, budget_s: float, snapshots: int, d
     return points
 
 
+def save_generator_snapshot(path: Path, cfg: TrainConfig, G: torch.nn.Module, nimg: int, epoch: int) -> None:
+    """A progan generator as a checkpoint-format file with only G_ema (progan.generate.load_generator reads it)."""
+    checkpoint.atomic_write(path, lambda f: torch.save(
+        {"schema": checkpoint.SCHEMA, "config": cfg.to_dict(), "nimg": nimg, "epoch": epoch,
+         "G_ema": {k: v.detach().cpu() for k, v in G.state_dict().items()}}, f))
+
+
 def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: torch.device, record) -> list[dict]:
     t = Trainer(cfg, bank, device, precision=args.precision)
 
@@ -119,10 +126,7 @@ def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: tor
 
     def snapshot(k: int, nimg: int) -> dict:
         path = out / "progan" / f"snap-{k:02d}.pt"
-        # checkpoint format with only the EMA generator: progan.generate.load_generator reads it
-        checkpoint.atomic_write(path, lambda f: torch.save(
-            {"schema": checkpoint.SCHEMA, "config": cfg.to_dict(), "nimg": nimg, "epoch": t.epoch,
-             "G_ema": {k2: v.detach().cpu() for k2, v in t.G_ema.state_dict().items()}}, f))
+        save_generator_snapshot(path, cfg, t.G_ema, nimg, t.epoch)
         level, _ = t.phase()
         return {"file": str(path.relative_to(out)), "res": cfg.resolution(level)}
 
