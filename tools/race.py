@@ -22,7 +22,7 @@ resolution), drawn as dotted lines: FID punishes blur hard, so no 8 px snapshot 
 Each snapshot's scores are kept in OUT/race-scores.json as soon as they are measured: a `score` run that is
 interrupted (Ctrl-C, end of a session) continues where it stopped when run again with the same --n, --seed and --real.
 Snapshots are scored coarse to fine (the last, then every 32nd, 16th, ... one), so that the scores kept by an
-interrupted run already span the race.
+interrupted run already span the race; `score --snapshots 1-6,60` scores only those snapshots, in that order.
 
 A setting can be raced against an earlier race's DCGAN without training DCGAN again: train progan alone
 (`--contestants progan --set FIELD=VALUE --out B`), then `score B --against A --real ...` scores the contestants B
@@ -382,14 +382,13 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     m = min(n, len(reals))   # SWD compares sets of one size
     result = {**{k: v for k, v in meta.items() if k != "contestants"}, "n": n, "fid_real_images": len(reals),
               "swd_images": m, "score_device": str(device), "contestants": {}}
-    if taken:
-        theirs = read_meta(against)
-        result["against"] = {"race": str(against), "contestants": sorted(taken), "device": theirs["device"],
-                             "precision": theirs["precision"], "torch": theirs.get("torch")}
     setting = dict(n=n, seed=seed, real=str(Path(real).resolve()))
     caches = {out: ScoreCache(out / SCORE_CACHE, **setting)}
     home = {c: out for c in CONTESTANTS}   # the race folder each contestant's snapshots (and kept scores) live in
     if taken:
+        theirs = read_meta(against)
+        result["against"] = {"race": str(against), "contestants": sorted(taken), "device": theirs["device"],
+                             "precision": theirs["precision"], "torch": theirs.get("torch")}
         caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
         home.update({c: against for c in taken})
     if only is not None:
