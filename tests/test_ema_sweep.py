@@ -93,3 +93,5 @@ def test_command_line_scores_every_variant(tmp_path):
     bad = subprocess.run(cmd[:-12] + ["--variants", "x:1"], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=120)
     assert bad.returncode == 1 and "--variants" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(cmd[:-12] + ["--at", "20k"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert bad.returncode == 1 and "--at" in bad.stderr and "Traceback" not in bad.stderr

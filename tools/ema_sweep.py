@@ -113,7 +113,12 @@ def run(args) -> dict:
     preset = auto_preset(device.type, args.size) if args.preset == "auto" else args.preset
     cfg = TrainConfig(**{**PRESETS[preset], **args.overrides, "size": args.size, "seed": args.seed})
     variants = parse_variants(args.variants)
-    at = sorted({int(x) for x in args.at.split(",") if x.strip()})
+    try:
+        at = sorted({int(x) for x in args.at.split(",") if x.strip()})
+    except ValueError:
+        raise ProganError(f"--at {args.at!r}: expected image counts such as 20000,40000") from None
+    if at and at[0] <= 0:
+        raise ProganError(f"--at {args.at!r}: image counts must be positive")
     lo, hi = parse_window(args.flicker_window)
     total = max(at + [hi])
     train_part, held = load_split(args.data, args.size, args.holdout)
