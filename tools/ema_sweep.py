@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from race import load_split, parse_overrides, sample_snapshot, save_generator_snapshot  # noqa: E402
+from race import fid_swd, load_split, parse_overrides, sample_snapshot, save_generator_snapshot  # noqa: E402
 
 from progan import checkpoint, metrics, visualization  # noqa: E402
 from progan.config import PRESETS, TrainConfig, auto_preset  # noqa: E402
@@ -163,9 +163,7 @@ def run(args) -> dict:
                 save_generator_snapshot(path, cfg, sweep.G[v], t.nimg, t.epoch)
                 fakes = sample_snapshot("progan", path, args.n, args.size, args.seed, device)
                 row = {"nimg": t.nimg, "res": cfg.resolution(level),
-                       "fid": metrics.fid_from_features(metrics.inception_features(fakes, device, model=net),
-                                                        stats.features),
-                       "swd": metrics.swd(reals[:m], fakes[:m], seed=args.seed, device=device)["avg"]}
+                       **fid_swd(fakes, reals, stats, net, m, args.seed, device)}
                 rows[v].append(row)
                 print(f"  {variant_name(v):16s} {t.nimg:>9,} img  {row['res']:3d} px  FID {row['fid']:8.2f}  "
                       f"SWD {row['swd']:7.2f}", flush=True)

@@ -307,23 +307,28 @@ def downsample_uint8(images: np.ndarray, res: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def fid_swd(fakes: np.ndarray, reals: np.ndarray, stats, net, m: int, seed: int, device: torch.device) -> dict:
+    """FID of fakes against the held-out statistics and SWD of the first m of each set (SWD compares equal sizes)."""
+    from progan import metrics
+
+    return {"fid": metrics.fid_from_features(metrics.inception_features(fakes, device, model=net), stats.features),
+            "swd": metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]}
+
+
 def resolution_floors(train_images: np.ndarray, reals: np.ndarray, stats, net, resolutions: list[int], n: int,
                       m: int, seed: int, device: torch.device) -> list[dict]:
     """FID and SWD of n real *training* faces reduced to each resolution and upsampled back as progan snapshots are:
     what a perfect snapshot at that resolution would score at this n: an 8 px model that scores near the 8 px floor
     has learnt what 8 px can show."""
-    from progan import metrics
-
     size = reals.shape[1]
     pick = np.random.default_rng(seed).choice(len(train_images), min(n, len(train_images)), replace=False)
     base = np.asarray(train_images[np.sort(pick)])
     rows = []
     for res in resolutions:
         fakes = upsample_uint8(downsample_uint8(base, res), size)
-        fid = metrics.fid_from_features(metrics.inception_features(fakes, device, model=net), stats.features)
-        swd = metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]
-        rows.append({"res": res, "fid": fid, "swd": swd})
-        print(f"  floor    real faces at {res:3d} px  FID {fid:8.2f}  SWD {swd:7.2f}", flush=True)
+        row = {"res": res, **fid_swd(fakes, reals, stats, net, m, seed, device)}
+        rows.append(row)
+        print(f"  floor    real faces at {res:3d} px  FID {row['fid']:8.2f}  SWD {row['swd']:7.2f}", flush=True)
     return rows
 
 
@@ -391,8 +396,6 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
                              "precision": theirs["precision"], "torch": theirs.get("torch")}
         caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
         home.update({c: against for c in taken})
-    if only is not None:
-        result["snapshots_scored"] = [k + 1 for k in sorted(order)]
     scored: dict[tuple[str, int], dict] = {}
     for k in order:
         for contestant in CONTESTANTS:
@@ -404,9 +407,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
             hit = cache.get(path)
             if hit is None:
                 fakes = sample_snapshot(contestant, path, n, size, seed, device)
-                hit = {"fid": metrics.fid_from_features(metrics.inception_features(fakes, device, model=net),
-                                                        stats.features),
-                       "swd": metrics.swd(reals[:m], fakes[:m], seed=seed, device=device)["avg"]}
+                hit = fid_swd(fakes, reals, stats, net, m, seed, device)
                 cache.put(path, hit)
             scored[contestant, k] = hit
             print(f"  {contestant:8s} {p['minutes']:7.2f} min  {p['res']:3d} px  FID {hit['fid']:8.2f}  "
@@ -434,6 +435,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
         f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
     ]
     if only is not None:
+        result["snapshots_scored"] = [k + 1 for k in sorted(order)]
         result["notes"].append(f"only snapshots {only} of {count} scored (--snapshots)")
     (out / "race.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "race.png")
