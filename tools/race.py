@@ -28,6 +28,9 @@ A setting can be raced against an earlier race's DCGAN without training DCGAN ag
 (`--contestants progan --set FIELD=VALUE --out B`), then `score B --against A --real ...` scores the contestants B
 lacks from race A's snapshots (same --size, --holdout, --minutes and snapshot count, else an error), keeping their
 scores in A's race-scores.json; race.json names A and both races' machines.
+
+At other sizes than 64 px progan runs alone (`--size 128 --contestants progan`): the same wall-clock snapshots and
+scores, i.e. FID against wall-clock for one configuration, e.g. the 8-minute GPU run at 128 px of issue #11.
 """
 
 from __future__ import annotations
@@ -176,8 +179,9 @@ def train(args) -> Path:
     if args.preset == "auto":   # as `progan train` without --preset: the preset chosen for this machine and size
         args.preset = auto_preset(device.type, args.size)
     cfg = TrainConfig(**{**PRESETS[args.preset], **args.overrides, "size": args.size, "seed": args.seed})
-    if DCGANTrainer.size != args.size:
-        raise ProganError(f"the DCGAN reference is a 64 px model; --size must be 64, got {args.size}")
+    if "dcgan64" in args.contestants and DCGANTrainer.size != args.size:
+        raise ProganError(f"the DCGAN reference is a 64 px model; --size must be 64 (or --contestants progan), "
+                          f"got {args.size}")
     train_part, held = load_split(args.data, args.size, args.holdout, args.allow_upscale)
     need = DCGANTrainer.batch if "dcgan64" in args.contestants else cfg.batch   # one batch of the contestants
     if len(train_part) < need or len(held) < 2:
@@ -554,7 +558,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--contestants", default=",".join(CONTESTANTS),
                        help=f"comma list of who trains [{','.join(CONTESTANTS)}]; e.g. progan alone to try a "
                             "setting against an earlier race's DCGAN (then: score OUT --against EARLIER)")
-        p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px) [64]")
+        p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px; other sizes race progan "
+                       "alone, e.g. --size 128 --contestants progan) [64]")
         p.add_argument("--snapshots", type=int, default=10, help="snapshots per contestant [10]")
         p.add_argument("--holdout", type=float, default=0.03, help="held-out fraction for FID [0.03]")
         p.add_argument("--seed", type=int, default=0)
