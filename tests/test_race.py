@@ -233,3 +233,23 @@ def test_scoring_order_is_coarse_to_fine():
         assert sorted(race.coarse_to_fine(count)) == list(range(count))
     order = race.coarse_to_fine(60)
     assert order[0] == 59 and sorted(order[:8]) == [7, 15, 23, 31, 39, 47, 55, 59]
+
+
+def test_race_progan_alone_at_another_size(tmp_path):
+    """The DCGAN reference is 64 px only, but progan alone races at any size (e.g. the 128 px GPU run): snapshots at
+    that size, scored at it; asking for DCGAN at another size is still refused."""
+    data = write_blob_images(tmp_path / "faces", 120, 32)
+    out = tmp_path / "race"
+    proc = _race([str(data), "--minutes", "0.02", "--snapshots", "2", "--holdout", "0.2", "--size", "32",
+                  "--preset", "default", "--contestants", "progan", "--out", str(out), "--no-score"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    meta = json.loads((out / "race-train.json").read_text())
+    assert meta["size"] == 32 and meta["progan_config"]["size"] == 32 and list(meta["contestants"]) == ["progan"]
+    points = meta["contestants"]["progan"]
+    assert len(points) == 2 and all(p["res"] <= 32 for p in points)
+    import torch
+
+    assert torch.load(out / points[-1]["file"], weights_only=False)["config"]["size"] == 32
+    proc = _race([str(data), "--minutes", "0.02", "--size", "32", "--contestants", "progan,dcgan64", "--no-score",
+                  "--out", str(tmp_path / "duel")], tmp_path / "cache")
+    assert proc.returncode == 1 and "--contestants progan" in proc.stderr and "Traceback" not in proc.stderr
