@@ -456,6 +456,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     borrowed = result.get("against", {})
     for contestant, rows in result["contestants"].items():
+        if not rows:   # a contestant that did not run (e.g. progan alone at 128 px): no empty legend entry
+            continue
         mins = [r["minutes"] for r in rows]
         label = (f"{contestant} (race {Path(borrowed['race']).name})" if contestant in borrowed.get("contestants", [])
                  else contestant)
