@@ -8,7 +8,7 @@ ahead of the device; scalars are accumulated on the device and read every `log_e
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -155,7 +155,7 @@ class StepStats:
     eps: float
 
 
-def compile_blocks(*nets: torch.nn.Module) -> None:
+def compile_blocks(*nets: torch.nn.Module, backend: str = "inductor") -> None:
     """torch.compile each resolution block in place (level and alpha stay eager, so changing them recompiles
     nothing). Where compilation is unsupported, dynamo falls back to eager code with a warning."""
     import torch._dynamo
@@ -164,14 +164,23 @@ def compile_blocks(*nets: torch.nn.Module) -> None:
     for net in nets:
         for m in list(net.modules()):
             if isinstance(m, (UpConv, DownBlock, ToRGB, FromRGB)):
-                m.compile()
+                m.compile(backend=backend)
+
+
+def r1_eager(on: bool):
+    """Run compiled blocks eagerly inside this context when `on`: R1 differentiates D's gradient (a double
+    backward), which compiled graphs do not support (AOTAutograd refuses a create_graph backward through them), so
+    the one R1 step in r1_every runs D uncompiled and the other steps keep the compiled D."""
+    if on and hasattr(torch.compiler, "set_stance"):   # torch >= 2.6
+        return torch.compiler.set_stance("force_eager")
+    return nullcontext()
 
 
 class Trainer:
     """Networks, optimisers, noise controller, EMA and RNG of one training run; state_dict() is the checkpoint."""
 
     def __init__(self, cfg: TrainConfig, bank, device: torch.device | str = "cpu", precision: str = "fp32",
-                 compile: bool = False, dist: Dist | None = None):
+                 compile: bool | str = False, dist: Dist | None = None):
         from progan.facedata import epoch_order  # local: facedata pulls in Pillow and friends
 
         self.cfg, self.bank, self.device = cfg, bank, torch.device(device)
@@ -195,8 +204,10 @@ class Trainer:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        # compile: True = torch.compile's default backend (inductor), or a backend's name (e.g. "aot_eager")
+        self.compiled = bool(compile)
         if compile:
-            compile_blocks(self.G, self.D)
+            compile_blocks(self.G, self.D, backend="inductor" if compile is True else str(compile))
         betas = (cfg.beta1, cfg.beta2)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
@@ -315,7 +326,7 @@ class Trainer:
         # r1_every so the average strength is gamma. It keeps D from overpowering G at higher resolutions.
         r1_step = cfg.r1_gamma > 0 and self.steps % cfg.r1_every == 0
         real_n.requires_grad_(r1_step)
-        with self.autocast:
+        with self.autocast, r1_eager(self.compiled and r1_step):
             # DiffAugment acts on what D is shown, the noisy images. R1 is the gradient at the un-augmented reals
             # through the (differentiable) augmentation, as in the reference DiffAugment-stylegan2.
             d_real = D(self.augment(real_n), level, alpha, labels=y).float()
