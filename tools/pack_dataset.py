@@ -5,7 +5,7 @@ machine, e.g. a rented GPU, where copying 23,708 files is slow.
     python tools/pack_dataset.py unpack utk64.npz /tmp/utk64/
 
 Images are decoded and resized exactly as training does (progan.facedata), then stored as JPEG (quality 92) or,
-with --format webp, as WebP (quality 80: all of UTKFace at 128 px in ~41 MiB instead of ~100 MiB as JPEG q90, so
+with --format webp, as WebP (quality 80: all of UTKFace at 128 px in 43 MiB instead of ~100 MiB as JPEG q90, so
 that it fits a 64 MiB transfer). The original file names are kept, whatever the format inside, so that UTKFace
 labels and the held-out split (a hash of each name) survive; Pillow reads a file by its content, not its name.
 """
@@ -35,7 +35,8 @@ def pack(src: str, out: str, size: int, quality: int, fmt: str = "jpeg") -> None
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     names = np.array([Path(n).name for n in data.names])
     np.savez(out, data=np.concatenate(blobs), offsets=offsets, names=names)
-    print(f"packed {len(blobs)} images at {size}px ({fmt}, quality {quality}) into {out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
+    mib = Path(out).stat().st_size / 2**20
+    print(f"packed {len(blobs)} images at {size}px ({fmt}, quality {quality}) into {out} ({mib:.1f} MiB)")
 
 
 def unpack(src: str, out: str) -> None:
