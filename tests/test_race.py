@@ -241,7 +241,8 @@ def test_race_progan_alone_at_another_size(tmp_path):
     data = write_blob_images(tmp_path / "faces", 120, 32)
     out = tmp_path / "race"
     proc = _race([str(data), "--minutes", "0.02", "--snapshots", "2", "--holdout", "0.2", "--size", "32",
-                  "--preset", "default", "--contestants", "progan", "--out", str(out), "--no-score"], tmp_path / "cache")
+                  "--preset", "default", "--contestants", "progan", "--out", str(out), "--no-score"],
+                 tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     meta = json.loads((out / "race-train.json").read_text())
     assert meta["size"] == 32 and meta["progan_config"]["size"] == 32 and list(meta["contestants"]) == ["progan"]

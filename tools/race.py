@@ -560,8 +560,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--contestants", default=",".join(CONTESTANTS),
                        help=f"comma list of who trains [{','.join(CONTESTANTS)}]; e.g. progan alone to try a "
                             "setting against an earlier race's DCGAN (then: score OUT --against EARLIER)")
-        p.add_argument("--size", type=int, default=64, help="resolution (the DCGAN reference is 64 px; other sizes race progan "
-                       "alone, e.g. --size 128 --contestants progan) [64]")
+        p.add_argument("--size", type=int, default=64,
+                       help="resolution (the DCGAN reference is 64 px; other sizes race progan alone, e.g. --size 128 "
+                            "--contestants progan) [64]")
         p.add_argument("--snapshots", type=int, default=10, help="snapshots per contestant [10]")
         p.add_argument("--holdout", type=float, default=0.03, help="held-out fraction for FID [0.03]")
         p.add_argument("--seed", type=int, default=0)
