@@ -19,6 +19,7 @@ from progan import latent
 from progan import augment
 from progan.config import TrainConfig
 from progan.distributed import Dist, local_batch
+from progan.errors import ProganError
 from progan.networks import Discriminator, DownBlock, FromRGB, Generator, ToRGB, UpConv, upsample2
 
 N_FIXED = 32  # the training video's grid of fixed latents (8 x 4)
@@ -171,9 +172,7 @@ def r1_eager(on: bool):
     """Run compiled blocks eagerly inside this context when `on`: R1 differentiates D's gradient (a double
     backward), which compiled graphs do not support (AOTAutograd refuses a create_graph backward through them), so
     the one R1 step in r1_every runs D uncompiled and the other steps keep the compiled D."""
-    if on and hasattr(torch.compiler, "set_stance"):   # torch >= 2.6
-        return torch.compiler.set_stance("force_eager")
-    return nullcontext()
+    return torch.compiler.set_stance("force_eager") if on else nullcontext()
 
 
 class Trainer:
@@ -206,6 +205,9 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         # compile: True = torch.compile's default backend (inductor), or a backend's name (e.g. "aot_eager")
         self.compiled = bool(compile)
+        if compile and cfg.r1_gamma > 0 and not hasattr(torch.compiler, "set_stance"):
+            raise ProganError(f"--compile with lazy R1 needs torch >= 2.6 to run the R1 steps uncompiled (this is "
+                              f"{torch.__version__}); upgrade torch, or train without --compile or with --r1-gamma 0")
         if compile:
             compile_blocks(self.G, self.D, backend="inductor" if compile is True else str(compile))
         betas = (cfg.beta1, cfg.beta2)

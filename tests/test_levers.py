@@ -3,6 +3,7 @@ layer, presets, and the config / checkpoint / resume contract of every new optio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -376,3 +377,9 @@ def test_compiled_training_runs_lazy_r1_eagerly(monkeypatch):
     broken = Trainer(cfg, bank, compile="aot_eager")
     with pytest.raises(RuntimeError, match="double backward|donated buffers"):
         broken.step()
+
+    # a torch without set_stance cannot run them uncompiled: refused up front, in one line
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    with pytest.raises(ProganError, match="torch >= 2.6"):
+        Trainer(cfg, bank, compile="aot_eager")
+    Trainer(dataclasses.replace(cfg, r1_gamma=0.0), bank, compile="aot_eager")   # no R1: nothing to refuse
