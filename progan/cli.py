@@ -145,13 +145,16 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,
               help="Arithmetic for the forward passes [default: bf16 on CUDA, fp32 on CPU].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network blocks (CUDA; falls back if unsupported).")
+@click.option("--memory-format", type=click.Choice(["channels_last", "contiguous"]), default="channels_last",
+              show_default=True, help="Layout of the networks (NHWC or NCHW). channels_last is faster on CPUs and "
+              "GPUs; contiguous makes a multi-process CPU run match a one-process run up to the order of sums.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where decoded images are cached [default: $PROGAN_CACHE or ~/.cache/progan].")
 @click.option("--allow-upscale", is_flag=True, help="Accept images smaller than --size (they are upscaled).")
 @click.option("--max-steps", type=int, default=None, hidden=True, help="Stop after N steps (tests).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 def train(images: str, out: str | None, preset: str | None, fresh: bool, device: str, precision: str | None,
-          compile_: bool, cache_dir: str | None, allow_upscale: bool, max_steps: int | None, no_progress: bool, **options) -> None:
+          compile_: bool, memory_format: str, cache_dir: str | None, allow_upscale: bool, max_steps: int | None, no_progress: bool, **options) -> None:
     """Train on the images in DIR (any folder tree of jpg/png/webp/bmp), or on the built-in 'digits' set.
 
     Writes OUT/training.mkv, OUT/config.json, OUT/log.jsonl and OUT/checkpoints/epoch-NNNN.pt (+ latest).
@@ -183,7 +186,8 @@ def train(images: str, out: str | None, preset: str | None, fresh: bool, device:
     try:
         result = run_train(images, run_dir, requested, explicit, fresh=fresh, device=device, cache_dir=cache_dir,
                            allow_upscale=allow_upscale, progress=not no_progress, max_steps=max_steps,
-                           precision=precision, compile=compile_, dist=dist)
+                           precision=precision, compile=compile_, dist=dist,
+                           channels_last=memory_format == "channels_last")
     finally:
         distributed.shutdown(dist)
     if dist is not None and not dist.main:

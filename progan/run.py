@@ -170,11 +170,12 @@ def video_cell(size: int) -> int:
 def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit: set[str] | None = None,
           fresh: bool = False, device: str = "auto", cache_dir: str | None = None, allow_upscale: bool = False,
           progress: bool = True, max_steps: int | None = None, precision: str | None = None,
-          compile: bool = False, dist: Dist | None = None) -> RunResult:
+          compile: bool = False, dist: Dist | None = None, channels_last: bool = True) -> RunResult:
     """Train (or resume) the run in run_dir on the images in source until cfg.epochs epochs are done.
 
     `explicit` names the options the user actually gave (they may override a resumed run's safe options).
     `max_steps` stops early after that many steps in this session (for tests and benchmarks), with a checkpoint.
+    `channels_last`: the networks' memory layout (Trainer); it changes rounding only, so a run may resume in either.
     `dist` (from progan.distributed.init under torchrun): this is one of several processes; rank 0 resolves the
     run and checkpoint for all and alone writes the run folder, cfg.batch is the global batch.
     """
@@ -222,7 +223,7 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
             raise ProganError(f"only {len(data)} usable labelled training images in {source}, fewer than one batch "
                               f"(--batch {cfg.batch})")
     bank = ImageBank(data.images, dev, labels=label_values)
-    trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile, dist=dist)
+    trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile, dist=dist, channels_last=channels_last)
     if state is not None:
         try:
             trainer.load_state_dict(state)

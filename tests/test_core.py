@@ -298,6 +298,17 @@ def test_diversity_gradient_shapes_and_batch_of_four():
     assert torch.allclose(diversity_gradient(x), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("b", [2, 5, 8])
+def test_diversity_gradient_all_pairs_and_loop_agree(b):
+    # The two ways of computing it (all pairs at once for a GPU, each unordered pair once in a loop for a CPU)
+    g = torch.Generator().manual_seed(b)
+    x = (torch.rand(b, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1) * 1.5
+    x[1] = x[0]                                    # identical samples: zero terms on either path
+    expected = torch.tensor(_seed_formula(x.view(b, -1).tolist()), dtype=torch.float64).view_as(x)
+    for all_pairs in (True, False):
+        assert torch.allclose(diversity_gradient(x, all_pairs=all_pairs), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_diversity_gradient_sign_and_zeros():
     def pair(d: float) -> torch.Tensor:
         return diversity_gradient(torch.tensor([[d], [0.0]]))
