@@ -69,7 +69,7 @@ def diversity_gradient(x: torch.Tensor, all_pairs: bool | None = None) -> torch.
 
     It is the direction in which x_i should move: away from x_j while |dx| < 1, towards it beyond (tanh data can
     differ by at most 2, the seed considers a unit difference ideal). 1.05 / (d^2 + 0.05) - 1 is computed as
-    (1 - d^2) / (d^2 + 0.05), the same value in fewer passes.
+    (1 - d^2) / (d^2 + 0.05), the same value (up to rounding) in fewer passes.
 
     all_pairs: build the whole B x B x ... difference tensor at once (few kernel launches, which is what limits
     small models on a GPU) instead of looping over the B - 1 offsets. None picks: all pairs on a GPU while the
