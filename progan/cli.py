@@ -77,7 +77,7 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
                    "at 64 / 128 px, default otherwise; digits for DIR = digits); default (the plain configuration); "
                    "digits (32 px, short phases); "
                    "seed2019 (the seed report's own settings: 160 px, G 128 / D 32 channels, batch 16); "
-                   "cpu64 (64 px, half the channels, shorter phases: for a laptop CPU); "
+                   "cpu64 (64 px, half the channels, shorter phases, weaker R1: for a laptop CPU); "
                    "gpu64 (64 px, batch 128, wider nets, 50k-image phases; use bf16); "
                    "gpu128 (128 px, batch 64, wider nets; use bf16); "
                    "small (a few hundred to a few thousand images: DiffAugment, stronger R1, more epochs). "
