@@ -226,11 +226,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # minutes"). No equalised learning rate (as the seed): Adam's steps are then ~40x larger relative to the
     # weights, which at these short CPU budgets gave a far lower FID (32 px ablation: 153 vs 240 at 60k images;
     # 64 px: 164 vs 252 after 10 minutes; with the short 4/8 px phases, 45-minute race: 113 vs 146) at the cost of
-    # about twice the EMA video's colour flicker (README, "Choosing the defaults"). R1 gamma 0.1 instead of 1 (near
-    # StyleGAN2-ADA's heuristic 0.0002 * res^2 / batch = 0.026 at 64 px, batch 32) with 8k-image phases at 16 px
-    # (32 px fades in from 36k images instead of 52k): 50-80 lower FID at 32 px on two seeds and, in a same-run
-    # 10-minute race, a lower FID than DCGAN at every minute; in a same-run hour at all 21 minutes scored, 75.7 vs
-    # 112.7 at 60 minutes (README, "A weaker R1 penalty").
+    # about twice the EMA video's colour flicker (README, "Choosing the defaults"). R1 gamma 0.1 instead of 1 (closer
+    # to StyleGAN2-ADA's heuristic 0.0002 * res^2 / batch = 0.026 at 64 px, batch 32) with 8k-image phases at 16 px
+    # (32 px fades in from 36k images instead of 52k): 50-80 lower FID at 32 px on one seed, lower at two of three
+    # counts on another; lower FID than DCGAN at every minute of a same-run 10-minute race and at all 21 minutes
+    # scored of a same-run hour, 75.7 vs 112.7 at 60 minutes (README, "A weaker R1 penalty").
     "cpu64": dict(size=64, g_channels=(64, 64, 32, 16, 16), d_channels=(64, 64, 32, 16, 16),
                   fade_images=16_000, stable_images=16_000, phase_images=(4_000, 8_000, 8_000, 0, 0), eq_lr=False,
                   r1_gamma=0.1),
