@@ -3,6 +3,8 @@
 One definition for the whole project (bench.py and the race use this one). Architecture and optimiser exactly as
 the tutorial: ngf = ndf = 64, BatchNorm, ReLU/LeakyReLU(0.2), N(0, 0.02) init, Adam(2e-4, betas=(0.5, 0.999)),
 batch 128, BCE loss (here on logits, which is the same loss computed stably), D step then G step.
+`precision="bf16"` runs the forward passes under bf16 autocast (weights and Adam stay fp32), as progan's Trainer
+does, so that a race or benchmark at bf16 gives both contestants the same arithmetic.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ class DCGANTrainer:
     batch = 128
     size = 64
 
-    def __init__(self, device: torch.device | str = "cpu", seed: int = 0):
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0, precision: str = "fp32"):
+        if precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"unknown precision {precision!r}")
         self.device = torch.device(device)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.G = DCGANGenerator().to(self.device)
@@ -72,15 +77,17 @@ class DCGANTrainer:
     def step(self, real: torch.Tensor) -> None:
         b = real.shape[0]
         z = torch.randn(b, self.G.nz, generator=self.rng, device=self.device)
-        fake = self.G(z)
-        d_real, d_fake = self.D(real), self.D(fake.detach())
-        d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-                  + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        with self.autocast:
+            fake = self.G(z)
+            d_real, d_fake = self.D(real), self.D(fake.detach())
+        d_loss = (F.binary_cross_entropy_with_logits(d_real.float(), torch.ones_like(d_real, dtype=torch.float32))
+                  + F.binary_cross_entropy_with_logits(d_fake.float(), torch.zeros_like(d_fake, dtype=torch.float32)))
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
-        out = self.D(fake)
-        g_loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+        with self.autocast:
+            out = self.D(fake)
+        g_loss = F.binary_cross_entropy_with_logits(out.float(), torch.ones_like(out, dtype=torch.float32))
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()

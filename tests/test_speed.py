@@ -37,11 +37,33 @@ def test_bf16_autocast_losses_close_to_fp32():
     np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.02)
 
 
+def test_dcgan_reference_bf16_runs_convolutions_in_bf16_and_keeps_fp32_weights():
+    import pytest
+    import torch
+
+    from progan.reference import DCGANTrainer
+
+    real = torch.rand(4, 3, 64, 64) * 2 - 1
+    seen = {}
+    for precision in ("fp32", "bf16"):
+        ref = DCGANTrainer("cpu", seed=0, precision=precision)
+        conv = ref.D.main[0]
+        hook = conv.register_forward_hook(lambda m, i, o, p=precision: seen.update({p: o.dtype}) and None)
+        before = conv.weight.detach().clone()
+        ref.step(real)
+        hook.remove()
+        assert conv.weight.dtype == torch.float32 and torch.isfinite(conv.weight).all()
+        assert not torch.equal(before, conv.weight)     # the step trained D
+    assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    with pytest.raises(ValueError, match="precision"):
+        DCGANTrainer("cpu", precision="fp16")
+
+
 def test_bench_tool_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--device", "cpu", "--seconds", "0.05",
                            "--max-res", "8", "--size", "16", "--batch", "8", "--no-flops", "--threads", "1",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--dcgan-precision", "bf16", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     models = {(r["model"], r["res"]) for r in data["rows"]}
@@ -49,3 +71,4 @@ def test_bench_tool_runs_and_writes_json(tmp_path):
     assert all(r["img_per_s"] > 0 for r in data["rows"])
     assert data["data_img_per_s"] > 0
     assert "x DCGAN" in proc.stdout
+    assert data["dcgan_precision"] == "bf16" and "(DCGAN bf16)" in proc.stdout

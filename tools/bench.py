@@ -106,7 +106,7 @@ def bench_progan(name: str, cfg: TrainConfig, device: torch.device, args) -> lis
 
 
 def bench_dcgan(device: torch.device, args) -> dict:
-    trainer = DCGANTrainer(device)
+    trainer = DCGANTrainer(device, precision=args.dcgan_precision)
     real = torch.rand(DCGANTrainer.batch, 3, 64, 64, device=device) * 2 - 1
     step = lambda: trainer.step(real)  # noqa: E731
     ips = timed(step, DCGANTrainer.batch, device, args.seconds, 2, 1)
@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="progan default configuration's final size")
     p.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16"],
                    help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dcgan-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the DCGAN reference's forward passes [fp32, as the tutorial]")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (falls back if unsupported)")
     p.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per measurement")
     p.add_argument("--max-res", type=int, default=None, help="skip resolutions above this [CPU: 80, CUDA: all]")
@@ -156,7 +158,7 @@ def main() -> None:
         args.max_res = 80 if device.type == "cpu" else 10 ** 6
     desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"device: {desc}  precision: {args.precision}  compile: {args.compile}  torch {torch.__version__}")
+    print(f"device: {desc}  precision: {args.precision} (DCGAN {args.dcgan_precision})  compile: {args.compile}  torch {torch.__version__}")
 
     default = TrainConfig(size=args.size, **({"batch": args.batch} if args.batch else {}))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -187,7 +189,7 @@ def main() -> None:
     step_ips = [r["img_per_s"] for r in rows if r["model"] == "default" and r["res"] == args.size]
     print(f"\ndata path alone: {data_ips:,.0f} img/s at {args.size}px"
           + (f" ({data_ips / step_ips[0]:.0f}x the training step's rate)" if step_ips else ""))
-    out = {"device": desc, "precision": args.precision, "compile": args.compile, "torch": torch.__version__,
+    out = {"device": desc, "precision": args.precision, "dcgan_precision": args.dcgan_precision, "compile": args.compile, "torch": torch.__version__,
            "rows": rows, "data_img_per_s": data_ips, "peak_tflops": peak}
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")

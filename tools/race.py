@@ -138,7 +138,7 @@ def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: tor
 
 
 def train_dcgan(bank: ImageBank, out: Path, args, device: torch.device, record) -> list[dict]:
-    ref = DCGANTrainer(device, seed=args.seed)
+    ref = DCGANTrainer(device, seed=args.seed, precision=args.dcgan_precision)
     batch = DCGANTrainer.batch
     ipe = (len(bank) // batch) * batch
     state = {"nimg": 0, "order": None}
@@ -190,11 +190,13 @@ def train(args) -> Path:
     bank = ImageBank(np.asarray(train_part.images), device)
     desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"race: {len(train_part):,} training / {len(held):,} held-out images at {args.size} px, "
-          f"{args.minutes:g} min each on {desc} ({args.precision}); progan preset {args.preset}", flush=True)
+          f"{args.minutes:g} min each on {desc} (progan {args.precision}, DCGAN {args.dcgan_precision}); "
+          f"progan preset {args.preset}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": "progan-race", "data": str(args.data), "size": args.size, "holdout": args.holdout,
             "train_images": len(train_part), "heldout_images": len(held), "minutes": args.minutes,
-            "device": desc, "precision": args.precision, "preset": args.preset, "seed": args.seed,
+            "device": desc, "precision": args.precision, "dcgan_precision": args.dcgan_precision,
+            "preset": args.preset, "seed": args.seed,
             "progan_config": cfg.to_dict(), "torch": torch.__version__, "contestants": {}}
     path = out / "race-train.json"
 
@@ -397,7 +399,8 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     if taken:
         theirs = read_meta(against)
         result["against"] = {"race": str(against), "contestants": sorted(taken), "device": theirs["device"],
-                             "precision": theirs["precision"], "torch": theirs.get("torch")}
+                             "precision": theirs["precision"], "dcgan_precision": theirs.get("dcgan_precision", "fp32"),
+                             "torch": theirs.get("torch")}
         caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
         home.update({c: against for c in taken})
     scored: dict[tuple[str, int], dict] = {}
@@ -476,7 +479,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("training wall-clock (min)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{result['size']} px, {result['device']} ({result['precision']})")
+    # races before --dcgan-precision ran DCGAN in fp32
+    fig.suptitle(f"{result['size']} px, {result['device']} (progan {result['precision']}, "
+                 f"DCGAN {result.get('dcgan_precision', 'fp32')})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -551,8 +556,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--out", default="race", help="output folder [race]")
         p.add_argument("--device", default="auto")
         p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
-                       help="progan's forward passes [bf16 on CUDA, fp32 on CPU]; DCGAN runs without autocast, as the "
-                            "tutorial (TF32 matmuls on CUDA when this is tf32 or bf16)")
+                       help="progan's forward passes [bf16 on CUDA, fp32 on CPU]; TF32 matmuls on CUDA when this is "
+                            "tf32 or bf16 (for both contestants)")
+        p.add_argument("--dcgan-precision", choices=["fp32", "bf16"], default="fp32",
+                       help="DCGAN's forward passes [fp32, as the tutorial]; bf16 gives it progan's bf16 autocast")
         p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                        help="progan preset [auto: progan train's default for the device, cpu64 / gpu64 at 64 px]")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
