@@ -143,11 +143,13 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--fresh", is_flag=True, help="Ignore existing checkpoints: move the old run folder aside and start over.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default=None,
-              help="Arithmetic for the forward passes [default: bf16 on CUDA, fp32 on CPU].")
+              help="Arithmetic for the forward passes [default: bf16 on CUDA and on CPUs with native bf16 "
+              "(AVX512-BF16, AMX), fp32 elsewhere].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the network blocks (CUDA; falls back if unsupported).")
 @click.option("--memory-format", type=click.Choice(["channels_last", "contiguous"]), default="channels_last",
               show_default=True, help="Layout of the networks (NHWC or NCHW). channels_last is faster on CPUs and "
-              "GPUs; contiguous makes a multi-process CPU run match a one-process run up to the order of sums.")
+              "GPUs; contiguous (with --precision fp32) makes a multi-process CPU run match a one-process run up to the "
+              "order of sums.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where decoded images are cached [default: $PROGAN_CACHE or ~/.cache/progan].")
 @click.option("--allow-upscale", is_flag=True, help="Accept images smaller than --size (they are upscaled).")

@@ -57,6 +57,27 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16), where oneDNN's bf16 convolutions
+    beat fp32; elsewhere bf16 is emulated and slower. Linux only (reads /proc/cpuinfo); False where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def default_precision(device: torch.device) -> str:
+    """bf16 autocast on CUDA and on CPUs with native bf16; fp32 elsewhere. On the 2-core AMD EPYC development VM
+    (AVX512-BF16) bf16 trains `cpu64` 1.3-1.4x as fast as fp32 at 16-64 px (README, Speed)."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return "bf16"
+    return "fp32"
+
+
 def setup_backend(device: torch.device, precision: str, threads: int | None = None) -> None:
     """Process-wide speed settings, applied by the CLI and tools (never at import): CPU threads; on CUDA cuDNN
     autotuning and TF32 matmuls for tf32/bf16."""
@@ -194,7 +215,8 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
         cfg, state = resolve_on_main(dist, run_dir, requested, explicit or set())
         local_batch(cfg.batch, dist.world)  # refuse an uneven split before decoding any images
     dev = pick_device(device) if dist is None else dist.device
-    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    chosen = precision is None
+    precision = precision or default_precision(dev)
     setup_backend(dev, precision)
     if not main:
         dist.barrier()  # rank 0 decodes and caches the images first; the others then read its cache
@@ -222,6 +244,10 @@ def train(source: str, run_dir: str | Path, requested: dict[str, Any], explicit:
         if len(data) < cfg.batch:
             raise ProganError(f"only {len(data)} usable labelled training images in {source}, fewer than one batch "
                               f"(--batch {cfg.batch})")
+    if main:   # after the data, so that bad input stays a one-line error
+        why = " (this CPU computes bf16 natively; --precision fp32 for full precision)" if (
+            chosen and dev.type == "cpu" and precision == "bf16") else ""
+        print(f"training on {dev} in {precision}{why}", file=sys.stderr)
     bank = ImageBank(data.images, dev, labels=label_values)
     trainer = Trainer(cfg, bank, dev, precision=precision, compile=compile, dist=dist, channels_last=channels_last)
     if state is not None:

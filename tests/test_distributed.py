@@ -104,13 +104,14 @@ STEPS_PER_EPOCH = N_IMAGES // BATCH
 # every step after step 8 (measured), which would hide a real error in the noise; at 3e-4 they are not.
 OPTS = ["--size", str(SIZE), "--batch", str(BATCH), "--log-every", str(LOG_EVERY), "--video-every", str(VIDEO_EVERY),
         "--fade-images", "32", "--stable-images", "32", "--lr-g", "3e-4", "--lr-d", "3e-4", "--no-progress",
-        "--memory-format", "contiguous"]
+        "--memory-format", "contiguous", "--precision", "fp32"]
 # DDP vs one process, same global batch and seed (so the same images, latents and noise per step): with diversity
 # off and 4 images per rank, mbstd groups (4 consecutive images) coincide, so the only difference is the order of
 # float additions (gradients all-reduced across ranks instead of summed over one batch). Measured: |w_ddp - w_single|
 # is 2e-5 of |w_single - w_init| after 16 steps. That needs NCHW (--memory-format contiguous): NHWC convolutions on a
 # CPU round differently at batch 4 and 8 (1e-6 after one step), which these 16 steps grow to 1e-2. Diversity pairs samples within each rank's batch instead of the
 # global one, a real difference (G lands ~15% of its travel away), so diversity runs are compared replica to replica.
+# fp32 explicitly: on a CPU with native bf16 the default is bf16 autocast, whose rounding differs far more.
 REL_TOL = 1e-3
 TIMEOUT = 180
 

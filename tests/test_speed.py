@@ -37,6 +37,22 @@ def test_bf16_autocast_losses_close_to_fp32():
     np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.02)
 
 
+def test_default_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    import torch
+
+    from progan import run
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(run, "cpu_has_native_bf16", lambda native=native: native)
+        assert run.default_precision(torch.device("cpu")) == expected
+    assert run.default_precision(torch.device("cuda")) == "bf16"
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), None) \
+        if Path("/proc/cpuinfo").exists() else None
+    monkeypatch.undo()
+    if flags is not None:   # the real check reads this CPU's flags
+        assert run.cpu_has_native_bf16() == ("avx512_bf16" in flags.split() or "amx_bf16" in flags.split())
+
+
 def test_dcgan_reference_bf16_runs_convolutions_in_bf16_and_keeps_fp32_weights():
     import pytest
     import torch

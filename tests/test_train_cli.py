@@ -222,6 +222,10 @@ def test_first_run_outputs(first_run):
     steps = EPOCHS * STEPS_PER_EPOCH
     assert "Traceback" not in proc.stderr
     assert f"done: {EPOCHS} epochs" in proc.stderr
+    from progan.run import default_precision
+
+    # no --precision: the run says which arithmetic this machine's default picked
+    assert f"training on cpu in {default_precision(torch.device('cpu'))}" in proc.stderr
 
     cfg = TrainConfig.load(run_dir / "config.json")
     assert (cfg.size, cfg.batch, cfg.epochs, cfg.video_every, cfg.log_every) == (SIZE, BATCH, EPOCHS, VIDEO_EVERY,

@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--size", type=int, default=64, help="progan default configuration's final size")
     p.add_argument("--precision", default=None, choices=["fp32", "tf32", "bf16"],
-                   help="default: bf16 on CUDA, fp32 on CPU")
+                   help="default: as progan train (bf16 on CUDA and CPUs with native bf16, else fp32)")
     p.add_argument("--dcgan-precision", default="fp32", choices=["fp32", "bf16"],
                    help="the DCGAN reference's forward passes [fp32, as the tutorial]")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (falls back if unsupported)")
@@ -149,10 +149,10 @@ def main() -> None:
     p.add_argument("--json", default="bench.json")
     args = p.parse_args()
 
-    from progan.run import pick_device, setup_backend
+    from progan.run import default_precision, pick_device, setup_backend
 
     device = pick_device(args.device)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = args.precision or default_precision(device)
     setup_backend(device, args.precision, args.threads)
     if args.max_res is None:
         args.max_res = 80 if device.type == "cpu" else 10 ** 6

@@ -25,7 +25,7 @@ from progan import distributed
 from progan.config import TrainConfig
 from progan.facedata import ImageBank
 from progan.gantrain import Trainer, level_start
-from progan.run import pick_device, setup_backend
+from progan.run import default_precision, pick_device, setup_backend
 
 
 def sync(device: torch.device) -> None:
@@ -71,7 +71,7 @@ def main() -> None:
         torch.distributed.init_process_group(backend, rank=0, world_size=1)
     else:
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision or default_precision(device)
     setup_backend(device, precision)
 
     cfg = TrainConfig(size=args.size, batch=args.batch)

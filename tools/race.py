@@ -170,10 +170,10 @@ def load_split(real: str, size: int, holdout: float, allow_upscale: bool = False
 
 
 def train(args) -> Path:
-    from progan.run import pick_device, setup_backend
+    from progan.run import default_precision, pick_device, setup_backend
 
     device = pick_device(args.device)
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = args.precision or default_precision(device)
     setup_backend(device, args.precision)
     out = Path(args.out)
     if args.preset == "auto":   # as `progan train` without --preset: the preset chosen for this machine and size
@@ -556,8 +556,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--out", default="race", help="output folder [race]")
         p.add_argument("--device", default="auto")
         p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
-                       help="progan's forward passes [bf16 on CUDA, fp32 on CPU]; TF32 matmuls on CUDA when this is "
-                            "tf32 or bf16 (for both contestants)")
+                       help="progan's forward passes [as progan train: bf16 on CUDA and on CPUs with native bf16, "
+                            "else fp32]; TF32 matmuls on CUDA when this is tf32 or bf16 (for both contestants)")
         p.add_argument("--dcgan-precision", choices=["fp32", "bf16"], default="fp32",
                        help="DCGAN's forward passes [fp32, as the tutorial]; bf16 gives it progan's bf16 autocast")
         p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
