@@ -158,7 +158,8 @@ def main() -> None:
         args.max_res = 80 if device.type == "cpu" else 10 ** 6
     desc = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"device: {desc}  precision: {args.precision} (DCGAN {args.dcgan_precision})  compile: {args.compile}  torch {torch.__version__}")
+    print(f"device: {desc}  precision: {args.precision} (DCGAN {args.dcgan_precision})  compile: {args.compile}  "
+          f"torch {torch.__version__}")
 
     default = TrainConfig(size=args.size, **({"batch": args.batch} if args.batch else {}))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -189,7 +190,8 @@ def main() -> None:
     step_ips = [r["img_per_s"] for r in rows if r["model"] == "default" and r["res"] == args.size]
     print(f"\ndata path alone: {data_ips:,.0f} img/s at {args.size}px"
           + (f" ({data_ips / step_ips[0]:.0f}x the training step's rate)" if step_ips else ""))
-    out = {"device": desc, "precision": args.precision, "dcgan_precision": args.dcgan_precision, "compile": args.compile, "torch": torch.__version__,
+    out = {"device": desc, "precision": args.precision, "dcgan_precision": args.dcgan_precision,
+           "compile": args.compile, "torch": torch.__version__,
            "rows": rows, "data_img_per_s": data_ips, "peak_tflops": peak}
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")
