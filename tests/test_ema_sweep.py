@@ -24,6 +24,7 @@ import ema_sweep  # noqa: E402
 
 from progan.errors import ProganError  # noqa: E402
 from progan.gantrain import Trainer  # noqa: E402
+from progan.run import default_precision  # noqa: E402
 
 
 def test_parse_variants_reads_pairs_and_refuses_bad_ones():
@@ -84,6 +85,7 @@ def test_command_line_scores_every_variant(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "ema.json").read_text())
     assert res["own_variant_equals_G_ema"] is True
+    assert res["precision"] == default_precision(torch.device("cpu"))   # progan train's choice for this CPU
     assert set(res["variants"]) == {"hl10000-r0.05", "hl500-r0"}
     for name, v in res["variants"].items():
         assert [p["nimg"] for p in v["points"]] == [256]

@@ -106,10 +106,12 @@ def parse_window(spec: str) -> tuple[int, int]:
 
 
 def run(args) -> dict:
-    from progan.run import pick_device, setup_backend
+    from progan.run import default_precision, pick_device, setup_backend
 
     device = pick_device(args.device)
-    setup_backend(device, "fp32")
+    # as progan train: bf16 autocast on CUDA and bf16-native CPUs (sweeps before it existed trained fp32)
+    args.precision = args.precision or default_precision(device)
+    setup_backend(device, args.precision)
     preset = auto_preset(device.type, args.size) if args.preset == "auto" else args.preset
     cfg = TrainConfig(**{**PRESETS[preset], **args.overrides, "size": args.size, "seed": args.seed})
     variants = parse_variants(args.variants)
@@ -131,15 +133,17 @@ def run(args) -> dict:
     net = metrics.load_inception(device)
     stats = metrics.real_statistics(reals, device, model=net)
     m = min(args.n, len(reals))
-    sweep = EmaSweep(Trainer(cfg, ImageBank(np.asarray(train_part.images), device), device), variants)
+    sweep = EmaSweep(Trainer(cfg, ImageBank(np.asarray(train_part.images), device), device,
+                             precision=args.precision), variants)
     t = sweep.t
     result = {"data": str(args.data), "size": args.size, "preset": preset, "overrides": args.overrides,
               "config": cfg.to_dict(), "n": args.n, "fid_real_images": len(reals), "swd_images": m,
               "video_every": args.video_every, "flicker_window": [lo, hi], "device": str(device),
+              "precision": args.precision,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "variants": {}}
     rows = {v: [] for v in variants}
-    print(f"ema sweep: preset {preset}, {len(variants)} EMA variants, to {total:,} images; FID of {args.n} at "
-          f"{', '.join(f'{a:,}' for a in at)}", flush=True)
+    print(f"ema sweep: preset {preset} in {args.precision}, {len(variants)} EMA variants, to {total:,} images; "
+          f"FID of {args.n} at {', '.join(f'{a:,}' for a in at)}", flush=True)
 
     def write() -> None:
         for v in variants:
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--holdout", type=float, default=0.03)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="training's forward passes [as progan train: bf16 on CUDA and on CPUs with native bf16, "
+                        "else fp32]")
     a = p.parse_args(argv)
     try:
         a.overrides = parse_overrides(a.overrides)
