@@ -77,13 +77,17 @@ def test_race_trains_both_and_scores(tmp_path):
     assert again["contestants"]["progan"][-1]["fid"] == result["contestants"]["progan"][-1]["fid"]  # rescored
     assert json.loads((out / "race-scores.json").read_text())["entries"][last["file"]]["stamp"][1] == 1
 
-    # --snapshots: only the named snapshots, in race.json and its plot; a number the race does not have is refused
+    # --snapshots: scores only the named snapshots; race.json and its plot also take every snapshot whose score an
+    # earlier run kept (a race scored in parts ends with one table) and no other; a number the race lacks is refused
+    kept = json.loads((out / "race-scores.json").read_text())
+    del kept["entries"][meta["contestants"]["progan"][0]["file"]]   # as if never scored
+    (out / "race-scores.json").write_text(json.dumps(kept))
     proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--snapshots", "2"], tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     part = json.loads((out / "race.json").read_text())
     assert part["snapshots_scored"] == [2]
-    for name in ("progan", "dcgan64"):
-        assert part["contestants"][name] == again["contestants"][name][1:]
+    assert part["contestants"]["dcgan64"] == again["contestants"]["dcgan64"]   # snapshot 1 from the kept scores
+    assert part["contestants"]["progan"] == again["contestants"]["progan"][1:]   # its snapshot 1 has none now
     proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--snapshots", "1-3"], tmp_path / "cache")
     assert proc.returncode == 1 and "1-2" in proc.stderr and "Traceback" not in proc.stderr
 

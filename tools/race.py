@@ -23,6 +23,8 @@ Each snapshot's scores are kept in OUT/race-scores.json as soon as they are meas
 interrupted (Ctrl-C, end of a session) continues where it stopped when run again with the same --n, --seed and --real.
 Snapshots are scored coarse to fine (the last, then every 32nd, 16th, ... one), so that the scores kept by an
 interrupted run already span the race; `score --snapshots 1-6,60` scores only those snapshots, in that order.
+race.json and race.png hold every snapshot with a score, the ones kept from earlier `score` runs (same --n, --seed
+and --real) included, so a race scored in parts ends with one complete table.
 
 A setting can be raced against an earlier race's DCGAN without training DCGAN again: train progan alone
 (`--contestants progan --set FIELD=VALUE --out B`), then `score B --against A --real ...` scores the contestants B
@@ -419,6 +421,15 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
             scored[contestant, k] = hit
             print(f"  {contestant:8s} {p['minutes']:7.2f} min  {p['res']:3d} px  FID {hit['fid']:8.2f}  "
                   f"SWD {hit['swd']:7.2f}{'  (cached)' if hit.get('cached') else ''}", flush=True)
+    this_run = sorted({k for _, k in scored})
+    # Snapshots an earlier `score` with the same setting kept join the table and the plot, so that a race scored in
+    # parts (--snapshots, or an interrupted run) ends with one complete race.json.
+    for contestant in CONTESTANTS:
+        for k, p in enumerate(snaps[contestant]):
+            if (contestant, k) not in scored:
+                hit = caches[home[contestant]].get(home[contestant] / p["file"])
+                if hit is not None:
+                    scored[contestant, k] = hit
     for contestant in CONTESTANTS:
         rows = [{"minutes": p["minutes"], "nimg": p["nimg"], "res": p["res"], "fid": scored[contestant, k]["fid"],
                  "swd": scored[contestant, k]["swd"]} for k, p in enumerate(snaps[contestant])
@@ -442,8 +453,10 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
         f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
     ]
     if only is not None:
-        result["snapshots_scored"] = [k + 1 for k in sorted(order)]
-        result["notes"].append(f"only snapshots {only} of {count} scored (--snapshots)")
+        result["snapshots_scored"] = [k + 1 for k in this_run]
+        shown = sorted({k for _, k in scored})
+        result["notes"].append(f"snapshots {only} of {count} scored by this run (--snapshots); {len(shown)} with "
+                               f"scores in all, the others kept from earlier runs")
     (out / "race.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "race.png")
     print(table(result))
@@ -543,7 +556,8 @@ def main(argv: list[str] | None = None) -> None:
                                 "snapshots (same size, holdout, minutes and snapshot count)")
             p.add_argument("--snapshots", default=None, metavar="LIST",
                            help="score only these snapshot numbers, in this order, e.g. 1-6,10,20,30 (a long race in "
-                                "parts; kept scores are reused) [all, coarse to fine]")
+                                "parts; kept scores are reused, and race.json shows every kept one) [all, coarse "
+                                "to fine]")
             a = p.parse_args(argv[1:])
             if a.n < 2:
                 raise ProganError(f"--n must be at least 2, got {a.n}")
