@@ -426,8 +426,9 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     # parts (--snapshots, or an interrupted run) ends with one complete race.json.
     for contestant in CONTESTANTS:
         for k, p in enumerate(snaps[contestant]):
-            if (contestant, k) not in scored:
-                hit = caches[home[contestant]].get(home[contestant] / p["file"])
+            path = home[contestant] / p["file"]
+            if (contestant, k) not in scored and path.is_file():   # a snapshot deleted since is left out
+                hit = caches[home[contestant]].get(path)
                 if hit is not None:
                     scored[contestant, k] = hit
     for contestant in CONTESTANTS:
