@@ -182,6 +182,10 @@ def test_score_cache_resumes_only_for_the_same_setting(tmp_path):
         assert race.ScoreCache(tmp_path / race.SCORE_CACHE, **other).get(snap) is None
     snap.write_bytes(b"new weights")   # a different file under the same name
     assert race.ScoreCache(tmp_path / race.SCORE_CACHE, n=500, seed=0, real="/data").get(snap) is None
+    cache = race.ScoreCache(tmp_path / race.SCORE_CACHE, n=500, seed=0, real="/data")
+    cache.put(snap, {"fid": 90.0, "swd": 19.0})
+    snap.unlink()   # deleted since it was scored: no kept score, and no crash
+    assert cache.get(snap) is None
 
 
 def test_score_against_refuses_a_race_that_does_not_line_up(tmp_path):

@@ -241,6 +241,8 @@ class ScoreCache:
         return path.relative_to(self.path.parent).as_posix(), [st.st_size, st.st_mtime_ns]
 
     def get(self, path: Path) -> dict | None:
+        if not path.is_file():   # a snapshot deleted since: its kept score no longer stands for anything
+            return None
         key, stamp = self._key(path)
         e = self.entries.get(key)
         return {"fid": e["fid"], "swd": e["swd"], "cached": True} if e and e["stamp"] == stamp else None
@@ -415,20 +417,21 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
             cache = caches[home[contestant]]
             hit = cache.get(path)
             if hit is None:
+                if not path.is_file():
+                    raise ProganError(f"{path}: snapshot missing (deleted since the race?); score other ones with "
+                                      f"--snapshots")
                 fakes = sample_snapshot(contestant, path, n, size, seed, device)
                 hit = fid_swd(fakes, reals, stats, net, m, seed, device)
                 cache.put(path, hit)
             scored[contestant, k] = hit
             print(f"  {contestant:8s} {p['minutes']:7.2f} min  {p['res']:3d} px  FID {hit['fid']:8.2f}  "
                   f"SWD {hit['swd']:7.2f}{'  (cached)' if hit.get('cached') else ''}", flush=True)
-    this_run = sorted({k for _, k in scored})
     # Snapshots an earlier `score` with the same setting kept join the table and the plot, so that a race scored in
     # parts (--snapshots, or an interrupted run) ends with one complete race.json.
     for contestant in CONTESTANTS:
         for k, p in enumerate(snaps[contestant]):
-            path = home[contestant] / p["file"]
-            if (contestant, k) not in scored and path.is_file():   # a snapshot deleted since is left out
-                hit = caches[home[contestant]].get(path)
+            if (contestant, k) not in scored:
+                hit = caches[home[contestant]].get(home[contestant] / p["file"])
                 if hit is not None:
                     scored[contestant, k] = hit
     for contestant in CONTESTANTS:
@@ -454,7 +457,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
         f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
     ]
     if only is not None:
-        result["snapshots_scored"] = [k + 1 for k in this_run]
+        result["snapshots_scored"] = [k + 1 for k in sorted(order)]
         shown = sorted({k for _, k in scored})
         result["notes"].append(f"snapshots {only} of {count} scored by this run (--snapshots); {len(shown)} with "
                                f"scores in all, the others kept from earlier runs")
