@@ -96,13 +96,14 @@ def test_race_trains_both_and_scores(tmp_path):
     solo = tmp_path / "solo"
     proc = _race([str(data), "--minutes", "0.04", "--snapshots", "2", "--holdout", "0.2", "--preset", "cpu64",
                   "--contestants", "progan", "--set", "phase_images=2000,4000,8000,8000,0", "--out", str(solo),
-                  "--no-score"], tmp_path / "cache")
+                  "--dcgan-precision", "bf16", "--no-score"], tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     proc = _race(["score", str(solo), "--real", str(data), "--n", "16", "--against", str(out)], tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     duel = json.loads((solo / "race.json").read_text())
     assert duel["contestants"]["dcgan64"] == again["contestants"]["dcgan64"]
     assert duel["against"]["race"] == str(out) and duel["against"]["contestants"] == ["dcgan64"]
+    assert duel["dcgan_precision"] == "fp32"   # the borrowed DCGAN's (the plot's title), not this race's unused bf16
     solo_meta = json.loads((solo / "race-train.json").read_text())
     assert [r["nimg"] for r in duel["contestants"]["progan"]] == [p["nimg"] for p in solo_meta["contestants"]["progan"]]
     assert set(json.loads((solo / "race-scores.json").read_text())["entries"]) == \

@@ -405,6 +405,8 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
         result["against"] = {"race": str(against), "contestants": sorted(taken), "device": theirs["device"],
                              "precision": theirs["precision"], "dcgan_precision": theirs.get("dcgan_precision", "fp32"),
                              "torch": theirs.get("torch")}
+        if "dcgan64" in taken:   # the borrowed DCGAN ran at the earlier race's precision, not at this race's setting
+            result["dcgan_precision"] = result["against"]["dcgan_precision"]
         caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
         home.update({c: against for c in taken})
     scored: dict[tuple[str, int], dict] = {}
