@@ -36,7 +36,7 @@ _CONFIG_OPTIONS = ("size", "batch", "epochs", "diversity", "seed", "video_every"
                    "fade_images", "stable_images", "lr_g", "lr_d", "ema_half_life", "latent_dim", "holdout",
                    "eval_every", "eval_n", "condition", "augment", "loss", "diversity_layers", "r1_gamma",
                    "ema_rampup", "pixel_norm", "eq_lr", "mbstd", "g_channels", "d_channels", "noise_step",
-                   "noise_high", "noise_low", "noise_max", "phase_images")
+                   "noise_high", "noise_low", "noise_max", "phase_images", "lr_rampdown")
 
 
 def _int_list(value: str | None, example: str, low: int, what: str) -> tuple[int, ...] | None:
@@ -124,6 +124,9 @@ def _parse_condition(ctx: click.Context, param: click.Parameter, value: str | No
 @click.option("--r1-gamma", type=float, default=None, help="R1 penalty weight on reals; 0 = off." + _d("r1_gamma"))
 @click.option("--ema-rampup", type=float, default=None,
               help="EMA half-life is at most this fraction of images shown; 0 = no ramp-up." + _d("ema_rampup"))
+@click.option("--lr-rampdown", type=float, default=None,
+              help="Fraction of the run (of --epochs) at its end over which both learning rates fall to 0 along a "
+                   "cosine; 0 = constant rates." + _d("lr_rampdown"))
 @click.option("--pixel-norm/--no-pixel-norm", default=None, help="Pixel norm in G." + _d("pixel_norm"))
 @click.option("--eq-lr/--no-eq-lr", default=None, help="Equalised learning rate." + _d("eq_lr"))
 @click.option("--mbstd/--no-mbstd", default=None, help="Minibatch-stddev channel in D." + _d("mbstd"))

@@ -92,6 +92,7 @@ class TrainConfig:
     beta2: float = 0.99
     ema_half_life: int = 10_000         # images; EMA generator for videos and sampling
     ema_rampup: float = 0.05            # half-life is at most this fraction of images shown (early EMA follows G)
+    lr_rampdown: float = 0.0            # last fraction of the run over which both rates fall to 0 (cosine); 0 = constant
 
     # the seed's training tricks
     diversity: float = 1.0              # diversity-gradient strength; 0 turns it off
@@ -166,6 +167,8 @@ class TrainConfig:
             raise ProganError(f"--noise-low ({self.noise_low}) must not be above --noise-high ({self.noise_high})")
         if self.r1_gamma < 0 or self.r1_every < 1:
             raise ProganError("--r1-gamma must be >= 0 and r1_every >= 1")
+        if not 0 <= self.lr_rampdown <= 1:
+            raise ProganError(f"--lr-rampdown must be in [0, 1] (a fraction of the run), got {self.lr_rampdown}")
 
     @property
     def levels(self) -> int:

@@ -8,6 +8,7 @@ ahead of the device; scalars are accumulated on the device and read every `log_e
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -154,6 +155,16 @@ def ema_beta(batch: int, nimg: int, half_life: int, rampup: float) -> float:
     rampup * nimg, so the EMA is not stuck near the random initial weights."""
     hl = half_life if rampup <= 0 else min(half_life, rampup * nimg)
     return 0.5 ** (batch / max(hl, 1e-8))
+
+
+def lr_factor(progress: float, rampdown: float) -> float:
+    """Learning-rate multiplier at `progress` (0..1) of the run: 1 until the last `rampdown` of it, then down to 0
+    along a half cosine (rampdown 0: always 1). The run's length is the driver's to know: images for `progan
+    train` (--epochs), wall-clock for the race."""
+    if rampdown <= 0:
+        return 1.0
+    t = min(max((progress - (1.0 - rampdown)) / rampdown, 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @dataclass
@@ -308,6 +319,16 @@ class Trainer:
         return self._ddp[1], self._ddp[2]
 
     # --- one round -----------------------------------------------------------------------------------------------
+    def set_progress(self, progress: float) -> None:
+        """Tell the trainer how far through its run it is (0..1), for cfg.lr_rampdown; a no-op without it. Not part
+        of the checkpoint: the driver recomputes it from images shown or time, so a resumed run continues the ramp."""
+        if self.cfg.lr_rampdown <= 0:
+            return
+        f = lr_factor(progress, self.cfg.lr_rampdown)
+        for opt, lr in ((self.opt_g, self.cfg.lr_g), (self.opt_d, self.cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * f
+
     def step(self) -> None:
         cfg = self.cfg
         level, alpha = self.phase()

@@ -356,6 +356,7 @@ class Session:
         try:
             with open(self.run_dir / "log.jsonl", "a") if self.main else nullcontext() as log:
                 while t.nimg < total and not self.stop_requested(stop):
+                    t.set_progress(t.nimg / total)   # --lr-rampdown: the run is --epochs long
                     t.step()
                     steps += 1
                     bar.update(cfg.batch)

@@ -23,7 +23,7 @@ from progan.gantrain import Trainer
 from progan.networks import Discriminator, EqConv2d, EqLinear, MinibatchStd
 
 ROOT = Path(__file__).resolve().parents[1]
-NEW_OPTIONS = {"augment": "color,translation,cutout", "loss": "hinge", "diversity_layers": "all"}
+NEW_OPTIONS = {"augment": "color,translation,cutout", "loss": "hinge", "diversity_layers": "all", "lr_rampdown": 0.25}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -175,16 +175,36 @@ def test_new_options_round_trip_json_and_checkpoint(tmp_path):
     # a config saved before the levers existed loads with them off
     old = {k: v for k, v in cfg.to_dict().items() if k not in NEW_OPTIONS}
     assert {k: getattr(TrainConfig.from_dict(old), k) for k in NEW_OPTIONS} == \
-        {"augment": "", "loss": "ns", "diversity_layers": "last"}
+        {"augment": "", "loss": "ns", "diversity_layers": "last", "lr_rampdown": 0.0}
 
 
 def test_bad_option_values_are_one_line_errors():
     for kw, word in ((dict(augment="flip"), "flip"), (dict(loss="wgan"), "wgan"),
-                     (dict(diversity_layers="some"), "some"), (dict(r1_gamma=-1.0), "r1")):
+                     (dict(diversity_layers="some"), "some"), (dict(r1_gamma=-1.0), "r1"),
+                     (dict(lr_rampdown=1.5), "lr-rampdown")):
         with pytest.raises(ProganError, match=word) as e:
             _cfg(**kw)
         assert "\n" not in str(e.value)
     assert _cfg(augment=" Cutout, translation ").augment == "translation,cutout"   # normalised, ordered
+
+
+def test_lr_rampdown_follows_a_half_cosine_over_the_end_of_the_run():
+    assert [gantrain.lr_factor(p, 0.25) for p in (0.0, 0.75, 1.0)] == [1.0, 1.0, 0.0]
+    assert gantrain.lr_factor(0.875, 0.25) == pytest.approx(0.5)
+    assert gantrain.lr_factor(0.9, 0.0) == 1.0 and gantrain.lr_factor(1.3, 0.25) == 0.0   # off; past the end
+    t = Trainer(_cfg(lr_rampdown=0.5, lr_g=2e-3, lr_d=4e-3), _bank())
+    lrs = lambda: (t.opt_g.param_groups[0]["lr"], t.opt_d.param_groups[0]["lr"])  # noqa: E731
+    t.set_progress(0.3)
+    assert lrs() == (2e-3, 4e-3)
+    t.set_progress(0.75)
+    assert lrs() == pytest.approx((1e-3, 2e-3))
+    before = [p.detach().clone() for p in t.G.parameters()]
+    t.set_progress(1.0)
+    t.step()   # at rate 0 Adam leaves G where it was
+    assert lrs() == (0.0, 0.0) and all(torch.equal(a, b) for a, b in zip(before, t.G.parameters()))
+    off = Trainer(_cfg(lr_g=2e-3), _bank())
+    off.set_progress(1.0)
+    assert off.opt_g.param_groups[0]["lr"] == 2e-3
 
 
 def test_resume_with_changed_option_is_refused(tmp_path):

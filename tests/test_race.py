@@ -127,8 +127,10 @@ def test_cut_off_race_keeps_its_snapshots(tmp_path):
 
     saved: list[list[dict]] = []
     nimg = {"n": 0}
+    progress: list[float] = []
 
-    def step() -> int:
+    def step(p: float) -> int:
+        progress.append(p)
         nimg["n"] += 8
         return nimg["n"]
 
@@ -137,6 +139,9 @@ def test_cut_off_race_keeps_its_snapshots(tmp_path):
     assert [len(s) for s in saved] == [1, 2, 3] and saved[-1] == points
     assert [p["file"] for p in points] == ["snap-1.pt", "snap-2.pt", "snap-3.pt"]   # every step changes nimg
     assert points[-1]["minutes"] >= 0.03 / 60 * 0.99
+    # each step is told the fraction of the budget spent so far (for --set lr_rampdown): from about 0 to about 1
+    # (the last step starts just before the budget runs out; seconds instead would end near 0.03)
+    assert progress[0] < 0.5 and progress == sorted(progress) and 0.5 < progress[-1] < 1.5
 
 
 def test_race_one_contestant_with_a_changed_setting(tmp_path):

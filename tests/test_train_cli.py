@@ -296,6 +296,24 @@ def test_resume_with_more_epochs(cli, first_run, tmp_path):
     assert not (ckpts / "epoch-0004.pt").exists()
 
 
+def test_lr_rampdown_runs_over_the_epochs_asked_for(cli, tmp_path):
+    """--lr-rampdown 0.5: full rates through the first half of --epochs 2, then a cosine to 0 at the last image."""
+    from progan.gantrain import lr_factor
+
+    run_dir = tmp_path / "run"
+    proc = cli.train(run_dir, "--epochs", "2", "--lr-rampdown", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    cfg = TrainConfig.load(run_dir / "config.json")
+    assert cfg.lr_rampdown == 0.5
+    rates = {}
+    for epoch in (1, 2):
+        state = checkpoint.load(run_dir / "checkpoints" / f"epoch-{epoch:04d}.pt")
+        rates[epoch] = (state["opt_g"]["param_groups"][0]["lr"], state["opt_d"]["param_groups"][0]["lr"])
+    assert rates[1] == (cfg.lr_g, cfg.lr_d)           # the last step of epoch 1 is still before the ramp
+    f = lr_factor((2 * IPE - cfg.batch) / (2 * IPE), 0.5)   # the rate of the run's last step
+    assert 0 < f < 0.1 and rates[2] == pytest.approx((cfg.lr_g * f, cfg.lr_d * f))
+
+
 def test_resume_with_other_size_is_refused(cli, first_run, tmp_path):
     src, _ = first_run
     run_dir = _copy_run(src, tmp_path / "run")

@@ -86,7 +86,8 @@ class Clock:
 
 def run_contestant(name: str, step, snapshot, budget_s: float, snapshots: int, device: torch.device,
                    check_every: int, record=lambda points: None) -> list[dict]:
-    """step() trains one round and returns images shown so far; snapshot(k, nimg) saves one. Snapshots are due at
+    """step(progress) trains one round (progress: the fraction of the budget spent, for a learning-rate ramp-down)
+    and returns images shown so far; snapshot(k, nimg) saves one. Snapshots are due at
     budget * k / snapshots (k = 1..snapshots); time is checked every `check_every` steps (a device sync on CUDA).
     record(points) is called after every snapshot, so a race cut off midway keeps what it saved."""
     clock = Clock(device)
@@ -94,7 +95,7 @@ def run_contestant(name: str, step, snapshot, budget_s: float, snapshots: int, d
     k, n, nimg = 1, 0, 0
     clock.start()
     while k <= snapshots:
-        nimg = step()
+        nimg = step(clock.elapsed() / budget_s)
         n += 1
         if n % check_every and device.type == "cuda":
             continue
@@ -125,7 +126,8 @@ def save_generator_snapshot(path: Path, cfg: TrainConfig, G: torch.nn.Module, ni
 def train_progan(cfg: TrainConfig, bank: ImageBank, out: Path, args, device: torch.device, record) -> list[dict]:
     t = Trainer(cfg, bank, device, precision=args.precision)
 
-    def step() -> int:
+    def step(progress: float) -> int:
+        t.set_progress(progress)   # cfg.lr_rampdown: the race's run is --minutes of wall-clock long
         t.step()
         return t.nimg
 
@@ -145,7 +147,7 @@ def train_dcgan(bank: ImageBank, out: Path, args, device: torch.device, record) 
     ipe = (len(bank) // batch) * batch
     state = {"nimg": 0, "order": None}
 
-    def step() -> int:
+    def step(progress: float) -> int:
         epoch, pos = divmod(state["nimg"], ipe)
         if state["order"] is None or state["order"][0] != epoch:
             state["order"] = (epoch, epoch_order(len(bank), epoch, args.seed))
