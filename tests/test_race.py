@@ -91,6 +91,29 @@ def test_race_trains_both_and_scores(tmp_path):
     proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--snapshots", "1-3"], tmp_path / "cache")
     assert proc.returncode == 1 and "1-2" in proc.stderr and "Traceback" not in proc.stderr
 
+    # --reference train: the same snapshots against random training faces, in files of their own beside the
+    # held-out ones (race.json and the training record race-train.json untouched)
+    proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--reference", "train", "--reference-n", "40",
+                  "--floors"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    vs_train = json.loads((out / "race-vs-train.json").read_text())
+    assert vs_train["reference"] == "train" and vs_train["fid_real_images"] == 40 and vs_train["swd_images"] == 16
+    assert json.loads((out / "race.json").read_text()) == part
+    assert json.loads((out / "race-train.json").read_text()) == meta
+    assert (out / "race-vs-train.png").is_file()
+    kept_train = json.loads((out / "race-scores-train.json").read_text())
+    assert kept_train["setting"]["reference"] == "train" and kept_train["setting"]["reference_n"] == 40
+    assert set(kept_train["entries"]) == {p["file"] for name in meta["contestants"] for p in meta["contestants"][name]}
+    for name in ("progan", "dcgan64"):
+        rows = vs_train["contestants"][name]
+        assert [r["nimg"] for r in rows] == [p["nimg"] for p in meta["contestants"][name]]
+        assert all(r["fid"] > 0 and r["swd"] > 0 for r in rows)
+        assert rows[-1]["fid"] != again["contestants"][name][-1]["fid"]   # another reference set, another score
+    assert {f["res"] for f in vs_train["floors"]} >= {64}
+    proc = _race(["score", str(out), "--real", str(data), "--n", "16", "--reference", "train", "--reference-n",
+                  str(meta["train_images"])], tmp_path / "cache")   # none left for --floors
+    assert proc.returncode == 1 and f"--reference-n {meta['train_images']}" in proc.stderr and "Traceback" not in proc.stderr
+
     # progan alone with another setting, scored against this race's DCGAN: DCGAN is neither trained nor scored again
     # (the planted score above comes back from this race's kept scores)
     solo = tmp_path / "solo"
@@ -192,6 +215,32 @@ def test_score_cache_resumes_only_for_the_same_setting(tmp_path):
     cache.put(snap, {"fid": 90.0, "swd": 19.0})
     snap.unlink()   # deleted since it was scored: no kept score, and no crash
     assert cache.get(snap) is None
+
+
+def test_reference_set_draws_training_faces_apart_from_the_floor_pool():
+    """--reference train: reference_n training faces, drawn reproducibly by the seed; the faces left for --floors are
+    the rest, so the floor compares two disjoint real sets (issue #11's 4.5 for 5,000 against 5,000)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import numpy as np
+    import pytest
+    import race
+    from progan.errors import ProganError
+
+    train = np.arange(50 * 2 * 2 * 3, dtype=np.int32).reshape(50, 2, 2, 3)   # each image tells its index
+    held = np.zeros((7, 2, 2, 3), dtype=np.int32)
+    ref, pool = race.reference_set(train, held, "heldout", 20, seed=0)
+    assert ref is held and pool is train
+    ref, pool = race.reference_set(train, held, "train", 20, seed=3)
+    ids_ref, ids_pool = set(ref[:, 0, 0, 0] // 12), set(pool[:, 0, 0, 0] // 12)
+    assert len(ref) == len(ids_ref) == 20 and len(pool) == 30
+    assert not ids_ref & ids_pool and ids_ref | ids_pool == set(range(50))
+    assert np.array_equal(race.reference_set(train, held, "train", 20, seed=3)[0], ref)
+    assert not np.array_equal(race.reference_set(train, held, "train", 20, seed=4)[0], ref)
+    for bad in (1, 50, 60):
+        with pytest.raises(ProganError, match="--reference-n"):
+            race.reference_set(train, held, "train", bad, seed=0)
+    with pytest.raises(ProganError, match="heldout or train"):
+        race.reference_set(train, held, "all", 20, seed=0)
 
 
 def test_score_against_refuses_a_race_that_does_not_line_up(tmp_path):

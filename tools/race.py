@@ -23,6 +23,10 @@ Each snapshot's scores are kept in OUT/race-scores.json as soon as they are meas
 interrupted (Ctrl-C, end of a session) continues where it stopped when run again with the same --n, --seed and --real.
 Snapshots are scored coarse to fine (the last, then every 32nd, 16th, ... one), so that the scores kept by an
 interrupted run already span the race; `score --snapshots 1-6,60` scores only those snapshots, in that order.
+`score --reference train` compares with --reference-n (5,000) training faces drawn at random instead of the few
+held-out ones: the usual protocol (issue #11 states its DCGAN numbers as 5,000 against 5,000, floor 4.5), whose
+floor `--floors` measures with real training faces disjoint from that set; written to OUT/race-vs-train.json/png and
+kept in OUT/race-scores-train.json, beside the held-out scores.
 race.json and race.png hold every snapshot with a score, the ones kept from earlier `score` runs (same --n, --seed
 and --real) included, so a race scored in parts ends with one complete table.
 
@@ -372,9 +376,27 @@ def borrow(meta: dict, other: Path) -> dict[str, list[dict]]:
     return taken
 
 
+def reference_set(train_images: np.ndarray, held_images: np.ndarray, reference: str, reference_n: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The real faces FID and SWD compare with, and the training faces left for --floors (never the same faces).
+    "heldout": the race's held-out images (never trained on; few, so FID's floor is high at any n). "train": reference_n
+    training faces drawn at random (seeded), the usual protocol (StyleGAN's FID against the training set, issue #11's
+    5,000 against 5,000, whose floor two disjoint real sets measure: --floors)."""
+    if reference == "heldout":
+        return held_images, train_images
+    if reference != "train":
+        raise ProganError(f"--reference must be heldout or train, got {reference!r}")
+    if reference_n < 2 or reference_n >= len(train_images):
+        raise ProganError(f"--reference-n {reference_n}: needs 2 to {len(train_images) - 1} (the training part has "
+                          f"{len(train_images)} images, and --floors needs some left over)")
+    pick = np.zeros(len(train_images), dtype=bool)
+    pick[np.random.default_rng(seed).choice(len(train_images), reference_n, replace=False)] = True
+    return train_images[pick], train_images[~pick]
+
+
 def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0,
           allow_upscale: bool = False, floors: bool = False, against: Path | None = None,
-          only: str | None = None) -> dict:
+          only: str | None = None, reference: str = "heldout", reference_n: int = 5000) -> dict:
     from progan import metrics
     from progan.run import pick_device
 
@@ -391,16 +413,20 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     if len(held) != meta["heldout_images"]:
         print(f"warning: {real} gives {len(held)} held-out images, training saw {meta['heldout_images']}",
               file=sys.stderr)
-    reals = np.asarray(held.images)
-    if len(reals) < 2:
-        raise ProganError(f"{real}: only {len(reals)} held-out images; FID needs at least 2")
+    if len(held) < 2:
+        raise ProganError(f"{real}: only {len(held)} held-out images; FID needs at least 2")
+    reals, floor_pool = reference_set(np.asarray(train_part.images), np.asarray(held.images), reference, reference_n,
+                                      seed)
     net = metrics.load_inception(device)
     stats = metrics.real_statistics(reals, device, model=net)
     m = min(n, len(reals))   # SWD compares sets of one size
-    result = {**{k: v for k, v in meta.items() if k != "contestants"}, "n": n, "fid_real_images": len(reals),
-              "swd_images": m, "score_device": str(device), "contestants": {}}
+    result = {**{k: v for k, v in meta.items() if k != "contestants"}, "n": n, "reference": reference,
+              "fid_real_images": len(reals), "swd_images": m, "score_device": str(device), "contestants": {}}
     setting = dict(n=n, seed=seed, real=str(Path(real).resolve()))
-    caches = {out: ScoreCache(out / SCORE_CACHE, **setting)}
+    if reference != "heldout":   # scores against another real set are kept apart (held-out keys stay as they were)
+        setting.update(reference=reference, reference_n=len(reals))
+    cache_name = SCORE_CACHE if reference == "heldout" else SCORE_CACHE.replace(".json", f"-{reference}.json")
+    caches = {out: ScoreCache(out / cache_name, **setting)}
     home = {c: out for c in CONTESTANTS}   # the race folder each contestant's snapshots (and kept scores) live in
     if taken:
         theirs = read_meta(against)
@@ -409,7 +435,7 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
                              "torch": theirs.get("torch")}
         if "dcgan64" in taken:   # the borrowed DCGAN ran at the earlier race's precision, not at this race's setting
             result["dcgan_precision"] = result["against"]["dcgan_precision"]
-        caches[against] = ScoreCache(against / SCORE_CACHE, **setting)
+        caches[against] = ScoreCache(against / cache_name, **setting)
         home.update({c: against for c in taken})
     scored: dict[tuple[str, int], dict] = {}
     for k in order:
@@ -452,12 +478,12 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
             Image.fromarray(grid).save(out / f"{contestant}-samples.png")
     if floors:   # every resolution progan was scored at
         res = sorted({r["res"] for r in result["contestants"].get("progan", [])} | {size})
-        result["floors"] = resolution_floors(np.asarray(train_part.images), reals, stats, net, res, n, m, seed,
-                                             device)
+        result["floors"] = resolution_floors(floor_pool, reals, stats, net, res, n, m, seed, device)
+    what = "held-out images" if reference == "heldout" else "training images drawn at random (seed {seed})"
     result["notes"] = [
-        f"FID: {n} generated faces vs the {len(reals)} held-out images (low-rank exact form when either set has "
-        f"<= 2048 images); biased upward for small sets, so compare only at the same n",
-        f"SWD x1e3 (ProGAN's, average over pyramid levels) on {m} generated vs {m} held-out images",
+        f"FID: {n} generated faces vs {len(reals)} {what.format(seed=seed)} (low-rank exact form when either set has "
+        f"<= 2048 images); biased upward for small sets, so compare only at the same n and reference",
+        f"SWD x1e3 (ProGAN's, average over pyramid levels) on {m} generated vs {m} of those real images",
         f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
     ]
     if only is not None:
@@ -465,8 +491,9 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
         shown = sorted({k for _, k in scored})
         result["notes"].append(f"snapshots {only} of {count} scored by this run (--snapshots); {len(shown)} with "
                                f"scores in all, the others kept from earlier runs")
-    (out / "race.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / "race.png")
+    stem = "race" if reference == "heldout" else f"race-vs-{reference}"   # the held-out table stays beside this one
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / f"{stem}.png")
     print(table(result))
     return result
 
@@ -494,7 +521,8 @@ def plot(result: dict, path: Path) -> None:
             ax.axhline(f[key], color="grey", ls=":", lw=1, label=floor_label if i == 0 else None)
             ax.annotate(f"{f['res']} px", (1.0, f[key]), xycoords=("axes fraction", "data"), fontsize=7,
                         color="grey", ha="right", va="bottom")
-    axes[0].set_ylabel(f"FID (n={result['n']} vs {result['fid_real_images']} held-out)")
+    reals = "held-out" if result.get("reference", "heldout") == "heldout" else "training"
+    axes[0].set_ylabel(f"FID (n={result['n']} vs {result['fid_real_images']} {reals})")
     axes[1].set_ylabel("SWD x1e3")
     for ax in axes:
         ax.set_xlabel("training wall-clock (min)")
@@ -566,11 +594,17 @@ def main(argv: list[str] | None = None) -> None:
                            help="score only these snapshot numbers, in this order, e.g. 1-6,10,20,30 (a long race in "
                                 "parts; kept scores are reused, and race.json shows every kept one) [all, coarse "
                                 "to fine]")
+            p.add_argument("--reference", choices=["heldout", "train"], default="heldout",
+                           help="the real faces to compare with: the held-out images, or --reference-n training "
+                                "images (the usual protocol, e.g. 5,000 against 5,000; writes race-vs-train.json/png "
+                                "beside the held-out race.json) [heldout]")
+            p.add_argument("--reference-n", type=int, default=5000,
+                           help="training images in the reference set for --reference train [5000]")
             a = p.parse_args(argv[1:])
             if a.n < 2:
                 raise ProganError(f"--n must be at least 2, got {a.n}")
             score(Path(a.out), a.real, a.n, a.device, a.seed, a.allow_upscale, a.floors,
-                  Path(a.against) if a.against else None, a.snapshots)
+                  Path(a.against) if a.against else None, a.snapshots, a.reference, a.reference_n)
             return
         p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("data", help="image folder (e.g. UTKFace)")
