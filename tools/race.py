@@ -479,9 +479,9 @@ def score(out: Path, real: str, n: int, device_name: str = "auto", seed: int = 0
     if floors:   # every resolution progan was scored at
         res = sorted({r["res"] for r in result["contestants"].get("progan", [])} | {size})
         result["floors"] = resolution_floors(floor_pool, reals, stats, net, res, n, m, seed, device)
-    what = "held-out images" if reference == "heldout" else "training images drawn at random (seed {seed})"
+    what = "held-out images" if reference == "heldout" else f"training images drawn at random (seed {seed})"
     result["notes"] = [
-        f"FID: {n} generated faces vs {len(reals)} {what.format(seed=seed)} (low-rank exact form when either set has "
+        f"FID: {n} generated faces vs {len(reals)} {what} (low-rank exact form when either set has "
         f"<= 2048 images); biased upward for small sets, so compare only at the same n and reference",
         f"SWD x1e3 (ProGAN's, average over pyramid levels) on {m} generated vs {m} of those real images",
         f"progan snapshots below {size} px are upsampled bilinearly to {size} px before scoring",
